@@ -1,0 +1,49 @@
+"""Stage 1 of the data flow: data sources and per-replica input pipelines.
+
+Contract:
+
+* ``sources.get_source(name, split, *, data_dir=None)`` -> finite, always
+  identically ordered ``tf.data.Dataset`` of
+  ``{"image": uint8 [H, W, C], "label": int64 []}`` (nothing else);
+  ``sources.num_examples(...)`` is its exact length and
+  ``sources.resolve_split(name, split)`` the TFDS slice behind a split alias.
+  Names: any prepared TFDS dataset, or the offline ``fashion_mnist_idx``
+  (Debian's ``dataset-fashion-mnist`` idx files, read by ``idx``). Splits:
+  ``train | val | trainval | test`` as in reference section 2, or slices such
+  as ``train[:1000]``. Nothing is ever downloaded.
+* ``pipeline.make_train_dataset(source, pp_fn, global_batch_size=...,
+  input_context=...)`` -> shard -> [cache] -> shuffle -> repeat -> map(pp) ->
+  batch(per-replica, drop_remainder) -> prefetch: the ``input_fn`` body for
+  ``strategy.distribute_datasets_from_function``.
+  ``pipeline.make_eval_dataset`` -> one ordered pass keeping the last
+  partial batch.
+
+Next stage: ``pp`` (the ``preprocess_fn`` handed to the pipelines) turns
+``{"image", "label"}`` into pretext inputs and labels.
+"""
+
+from revisit_tf.data.idx import load_idx_dataset, read_idx
+from revisit_tf.data.pipeline import make_eval_dataset, make_train_dataset
+from revisit_tf.data.sources import (
+    SPLIT_ALIASES,
+    ArraySource,
+    SplitConvention,
+    get_source,
+    num_examples,
+    register_array_source,
+    resolve_split,
+)
+
+__all__ = [
+    "SPLIT_ALIASES",
+    "ArraySource",
+    "SplitConvention",
+    "get_source",
+    "load_idx_dataset",
+    "make_eval_dataset",
+    "make_train_dataset",
+    "num_examples",
+    "read_idx",
+    "register_array_source",
+    "resolve_split",
+]

@@ -1,0 +1,533 @@
+"""Data sources by name and split (stage 1 of the data flow).
+
+Contract: ``get_source(name, split)`` returns a finite, deterministically
+ordered (no file shuffling) ``tf.data.Dataset`` of
+``{"image": uint8 [H, W, C], "label": int64 []}``; nothing else is kept.
+``num_examples(name, split)`` is its exact length, for step arithmetic
+(reference section 7.1). ``data.pipeline`` shards, shuffles and batches these
+datasets; ``pp`` turns the examples into pretext inputs.
+
+Names:
+  * any TFDS dataset (``imagenet2012``, ``places365_small``, ``cifar10``,
+    ``fashion_mnist``, ...), read from an already prepared ``data_dir`` with
+    ``tfds.builder(name, data_dir=...).as_dataset(shuffle_files=False)``.
+    Nothing is ever downloaded or prepared here.
+  * offline array sources registered in ``_ARRAY_SOURCES``; today
+    ``fashion_mnist_idx``, the idx files of Debian's ``dataset-fashion-mnist``
+    package (``data.idx``). ``register_array_source`` adds more.
+
+Splits are the paper's aliases (reference section 2, split table):
+
+  ==========  ==================================================================
+  alias       meaning
+  ==========  ==================================================================
+  trainval    the full official training split
+  train       official training split minus its last ``num_held_out`` examples
+  val         those last ``num_held_out`` examples ("our validation split")
+  test        the official test split; for datasets without a labelled test
+              split (imagenet2012, places365_small) the official ``validation``
+  ==========  ==================================================================
+
+Held-out sizes (``SplitConvention``): imagenet2012 50,046 (the paper's), mnist,
+fashion_mnist and fashion_mnist_idx 10,000, cifar10/cifar100 5,000, any other
+dataset ``DEFAULT_HELD_OUT_PERCENT`` = 2% of its training split (at least 1).
+The held-out examples are the LAST ones in TFDS's stored order, so ``val`` has
+the paper's size but not its exact membership (reference section 2).
+
+``resolve_split`` shows the TFDS slice an alias stands for, e.g. for
+``fashion_mnist`` ``train`` -> ``train[:50000]`` and ``val`` ->
+``train[50000:]``. Any other split containing ``[`` is a slice of an official
+split (``train[:1000]``, ``test[-10%:]``): passed to TFDS as it is, and
+interpreted by the same rules (``_parse_slice``) for array sources.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import re
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from revisit_tf.data import idx
+
+SPLIT_ALIASES = ("train", "val", "trainval", "test")
+# Held-out percentage of the official training split for datasets without a
+# `num_held_out` (our choice; the paper only defines ImageNet's).
+DEFAULT_HELD_OUT_PERCENT = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConvention:
+    """How the split aliases map onto one dataset's official splits.
+
+    Attributes:
+      num_held_out: Examples cut from the end of the official training split to
+        form ``val``. ``None``: ``DEFAULT_HELD_OUT_PERCENT`` percent of it,
+        floored, at least 1.
+      test_split: The official split that plays ``test``.
+      num_train: Size of the official training split when it is known without
+        reading the data (lets ``resolve_split`` work before anything is
+        prepared); checked against the data whenever the data is read.
+    """
+
+    num_held_out: int | None = None
+    test_split: str = "test"
+    num_train: int | None = None
+
+
+_SPLIT_CONVENTIONS: dict[str, SplitConvention] = {
+    # Reference section 2: train 1,231,121 + val 50,046 = 1,281,167 official
+    # train images; `test` is the official ILSVRC-2012 validation set.
+    "imagenet2012": SplitConvention(50_046, "validation", 1_281_167),
+    # Its official `test` split is unlabelled (labels -1), as for ImageNet.
+    "places365_small": SplitConvention(None, "validation"),
+    # Official train sizes from the TFDS catalog / the datasets' papers.
+    "mnist": SplitConvention(10_000, "test", 60_000),
+    "fashion_mnist": SplitConvention(10_000, "test", 60_000),
+    "cifar10": SplitConvention(5_000, "test", 50_000),
+    "cifar100": SplitConvention(5_000, "test", 50_000),
+    # Read from the arrays themselves, so any idx directory works.
+    "fashion_mnist_idx": SplitConvention(10_000, "test"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySource:
+    """An offline source whose official splits are in-memory numpy arrays.
+
+    Attributes:
+      load: ``data_dir -> {official_split: (images uint8 [N, H, W, C],
+        labels int64 [N])}``; raises ``FileNotFoundError`` naming what is
+        missing. Should cache, it is called on every ``get_source``.
+      default_data_dir: Used when ``get_source`` gets ``data_dir=None``.
+    """
+
+    load: Callable[[str], Mapping[str, tuple[np.ndarray, np.ndarray]]]
+    default_data_dir: str
+
+
+_ARRAY_SOURCES: dict[str, ArraySource] = {
+    "fashion_mnist_idx": ArraySource(
+        idx.load_idx_dataset, idx.DEFAULT_FASHION_MNIST_DIR
+    ),
+}
+
+
+def register_array_source(
+    name: str,
+    source: ArraySource,
+    convention: SplitConvention | None = None,
+) -> None:
+    """Adds an offline array source (e.g. another idx directory) by name.
+
+    Args:
+      name: The new source name; must not shadow a TFDS dataset or a source.
+      source: How to load its official splits.
+      convention: Its split aliases; ``None``: 2% held out, ``test`` = ``test``.
+
+    Raises:
+      ValueError: ``name`` is taken.
+    """
+    if name in _ARRAY_SOURCES or name in _tfds_names():
+        raise ValueError(f"Data source name {name!r} is already taken.")
+    _ARRAY_SOURCES[name] = source
+    _SPLIT_CONVENTIONS[name] = convention or SplitConvention()
+
+
+# ---------------------------------------------------------------------------
+# Names.
+
+
+@functools.cache
+def _tfds_names() -> frozenset[str]:
+    return frozenset(tfds.list_builders(with_community_datasets=False))
+
+
+def _base_name(name: str) -> str:
+    """``"imagenet2012/subset:5.1.0"`` -> ``"imagenet2012"``."""
+    return name.split("/")[0].split(":")[0]
+
+
+def _check_name(name: str, data_dir: str | None) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Dataset name must be a non-empty string, got {name!r}.")
+    base = _base_name(name)
+    if base in _ARRAY_SOURCES or base in _tfds_names():
+        return
+    try:  # A dataset prepared in data_dir without registered code still loads.
+        tfds.builder(name, data_dir=data_dir)
+        return
+    except tfds.core.DatasetNotFoundError:
+        pass
+    raise ValueError(
+        f"Unknown dataset {name!r}. Did you mean one of {_close_names(base)}? "
+        "Expected a TFDS dataset name (see `tfds.list_builders()`) or an offline "
+        f"source {sorted(_ARRAY_SOURCES)}."
+    )
+
+
+def _close_names(name: str) -> list[str]:
+    candidates = sorted(_tfds_names() | set(_ARRAY_SOURCES))
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    # difflib misses prefixes of long names ("imagenet" -> "imagenet2012").
+    prefixed = [c for c in candidates if c.startswith(name) and c not in close]
+    return (close + prefixed)[:8]
+
+
+# ---------------------------------------------------------------------------
+# Slices: the subset of the TFDS split grammar that array sources implement.
+
+# "<split>[<from>:<to>]"; a bare "<split>" (whole split) is what aliases
+# resolve to, users reach it only through them.
+_SLICE_RE = re.compile(
+    r"^(?P<split>[\w-]+)(?:\[(?P<from>[^:\[\]]*):(?P<to>[^:\[\]]*)\])?$"
+)
+_BOUND_RE = re.compile(r"^(?P<value>-?\d+(?:\.\d+)?)(?P<pct>%?)$")
+_SLICE_FORM = (
+    "'<official split>[<from>:<to>]' with integer or percent bounds, negative "
+    "counting from the end, at most one empty (e.g. 'train[:1000]', "
+    "'test[-10%:]', 'train[10%:20%]')"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slice:
+    split: str
+    start: float | None
+    stop: float | None
+    percent: bool
+
+    def bounds(self, num: int, spec: str) -> tuple[int, int]:
+        """Absolute ``[start, stop)`` in a split of ``num`` examples.
+
+        Same arithmetic as TFDS (``tfds.core.ReadInstruction``, rounding
+        "closest"): percents become ``round(p * num / 100)``, a bound whose
+        magnitude exceeds ``num`` is an error, negatives count from the end.
+        """
+
+        def absolute(bound: float | None, default: int) -> int:
+            if bound is None:
+                return default
+            value = int(round(bound * num / 100.0)) if self.percent else int(bound)
+            if abs(value) > num:
+                raise ValueError(
+                    f"Split {spec!r}: bound {value} is outside a split of {num} "
+                    "examples."
+                )
+            return value + num if value < 0 else value
+
+        start, stop = absolute(self.start, 0), absolute(self.stop, num)
+        return start, max(start, stop)
+
+
+def _parse_slice(spec: str) -> _Slice:
+    """Parses ``"name[from:to]"``; raises ``ValueError`` naming the form."""
+    match = _SLICE_RE.match(spec)
+    if not match:
+        raise ValueError(f"Cannot parse split {spec!r}; expected {_SLICE_FORM}.")
+    bounds, units = [], set()
+    for text in (match["from"] or "", match["to"] or ""):
+        if not text:
+            bounds.append(None)
+            continue
+        bound = _BOUND_RE.match(text)
+        if not bound or (not bound["pct"] and "." in bound["value"]):
+            raise ValueError(
+                f"Bad bound {text!r} in split {spec!r}; expected {_SLICE_FORM}."
+            )
+        units.add(bool(bound["pct"]))
+        bounds.append(float(bound["value"]) if bound["pct"] else int(bound["value"]))
+    if match["from"] is not None and not units:  # TFDS rejects "train[:]" too.
+        raise ValueError(
+            f"Split {spec!r} has no bound; expected {_SLICE_FORM} (whole split: "
+            f"'{match['split']}[0:]')."
+        )
+    if len(units) > 1:
+        raise ValueError(
+            f"Split {spec!r} mixes percent and absolute bounds; use one unit."
+        )
+    percent = units == {True}
+    if percent and any(b is not None and abs(b) > 100 for b in bounds):
+        raise ValueError(f"Percent bounds of split {spec!r} must lie in [-100, 100].")
+    return _Slice(match["split"], bounds[0], bounds[1], percent)
+
+
+# ---------------------------------------------------------------------------
+# Readers: one per kind of source, behind the same methods.
+
+
+def _official_train_size(name: str, sizes: dict[str, int]) -> int:
+    if "train" not in sizes:
+        raise ValueError(
+            f"{name!r} has no official 'train' split to carve 'train'/'val' "
+            f"from; official splits are {sorted(sizes)}."
+        )
+    return sizes["train"]
+
+
+class _ArrayReader:
+    """Reads a registered ``ArraySource`` from ``data_dir``."""
+
+    def __init__(self, name: str, data_dir: str | None):
+        source = _ARRAY_SOURCES[_base_name(name)]
+        self.name = name
+        self.data_dir = data_dir or source.default_data_dir
+        self.splits = source.load(self.data_dir)
+
+    def official_sizes(self) -> dict[str, int]:
+        return {split: len(labels) for split, (_, labels) in self.splits.items()}
+
+    def train_size(self) -> int:
+        return _official_train_size(self.name, self.official_sizes())
+
+    def _slice(self, spec: str) -> tuple[str, int, int]:
+        parsed = _parse_slice(spec)
+        if parsed.split not in self.splits:
+            raise ValueError(
+                f"Split {spec!r} of {self.name!r} refers to unknown official split "
+                f"{parsed.split!r}; official splits are {sorted(self.splits)}."
+            )
+        num = len(self.splits[parsed.split][1])
+        return (parsed.split, *parsed.bounds(num, spec))
+
+    def count(self, spec: str) -> int:
+        _, start, stop = self._slice(spec)
+        return stop - start
+
+    def read(self, spec: str) -> tf.data.Dataset:
+        split, start, stop = self._slice(spec)
+        images, labels = self.splits[split]
+        return tf.data.Dataset.from_tensor_slices(
+            {"image": images[start:stop], "label": labels[start:stop]}
+        )
+
+
+class _TfdsReader:
+    """Reads a prepared TFDS dataset; never downloads or prepares it."""
+
+    def __init__(self, name: str, data_dir: str | None):
+        self.name = name
+        self.builder = tfds.builder(name, data_dir=data_dir)
+        self.data_dir = data_dir or "the TFDS default data directory"
+
+    def _not_prepared(self) -> FileNotFoundError:
+        base = _base_name(self.name)
+        how = (
+            f"`tfds build {base} --data_dir <data_dir>` (or "
+            f"tfds.builder({base!r}, data_dir=...).download_and_prepare())"
+        )
+        if base == "imagenet2012":
+            how = (
+                "downloading ILSVRC2012_img_{train,val}.tar by hand from "
+                "image-net.org into <data_dir>/downloads/manual/, then " + how
+            )
+        return FileNotFoundError(
+            f"Dataset {self.name!r} is not prepared: no TFDS data at "
+            f"{self.builder.data_dir!r} (data_dir searched: {self.data_dir!r}). "
+            "Pass data_dir=<the TFDS data directory that holds it> or prepare "
+            f"it with {how}. revisit_tf never downloads data."
+        )
+
+    def official_sizes(self) -> dict[str, int] | None:
+        # Empty when not prepared, and under `tfds.testing.mock_data` whose
+        # MockPolicy.USE_CODE knows no split names: the caller decides.
+        splits = self.builder.info.splits
+        return {k: v.num_examples for k, v in splits.items()} or None
+
+    def train_size(self) -> int:
+        sizes = self.official_sizes()
+        if sizes is None:
+            raise self._not_prepared()
+        return _official_train_size(self.name, sizes)
+
+    def _check_official(self, spec: str) -> None:
+        sizes = self.official_sizes()
+        for part in spec.split("+"):
+            official = re.match(r"\s*([\w-]*)", part)[1]
+            if sizes is not None and official not in sizes:
+                raise ValueError(
+                    f"Split {spec!r} of {self.name!r} refers to unknown official "
+                    f"split {official!r}; official splits are {sorted(sizes)}."
+                )
+
+    def count(self, spec: str) -> int:
+        if self.official_sizes() is None:
+            raise self._not_prepared()
+        self._check_official(spec)
+        return self.builder.info.splits[spec].num_examples
+
+    def read(self, spec: str) -> tf.data.Dataset:
+        self._check_official(spec)
+        try:
+            ds = self.builder.as_dataset(split=spec, shuffle_files=False)
+        except AssertionError as e:  # TFDS's "could not find data" signal.
+            raise self._not_prepared() from e
+        keys = self.builder.info.supervised_keys
+        image_key, label_key = keys[:2] if keys else ("image", "label")
+        spec_keys = ds.element_spec
+        for key in (image_key, label_key):
+            if not isinstance(key, str) or key not in spec_keys:
+                raise ValueError(
+                    f"Dataset {self.name!r} has features {sorted(spec_keys)}; "
+                    f"cannot find an image and a label feature (wanted {key!r})."
+                )
+        if spec_keys[image_key].dtype != tf.uint8:
+            raise ValueError(
+                f"Dataset {self.name!r} feature {image_key!r} has dtype "
+                f"{spec_keys[image_key].dtype.name}; expected uint8 images."
+            )
+
+        def to_contract(example):
+            return {
+                "image": example[image_key],
+                "label": tf.cast(example[label_key], tf.int64),
+            }
+
+        return ds.map(to_contract, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _open(name: str, data_dir: str | os.PathLike | None) -> _ArrayReader | _TfdsReader:
+    data_dir = None if data_dir is None else os.fspath(data_dir)
+    _check_name(name, data_dir)
+    if _base_name(name) in _ARRAY_SOURCES:
+        return _ArrayReader(name, data_dir)
+    return _TfdsReader(name, data_dir)
+
+
+# ---------------------------------------------------------------------------
+# Split aliases.
+
+
+def _resolve(name: str, split: str, train_size: Callable[[], int]) -> str:
+    """``resolve_split``; ``train_size`` is only called when the table lacks it."""
+    if not isinstance(split, str):
+        raise ValueError(f"Split must be a string, got {split!r}.")
+    base = _base_name(name)
+    convention = _SPLIT_CONVENTIONS.get(base, SplitConvention())
+    if "[" in split:
+        if base in _ARRAY_SOURCES:
+            _parse_slice(split)  # Array sources speak only the slice subset.
+        return split
+    if split == "trainval":
+        return "train"
+    if split == "test":
+        return convention.test_split
+    if split not in ("train", "val"):
+        raise ValueError(
+            f"Unknown split {split!r} for {name!r}. Expected one of the aliases "
+            f"{list(SPLIT_ALIASES)} (reference section 2) or a slice "
+            f"{_SLICE_FORM}. To read a whole official split X, write 'X[0:]'."
+        )
+    num_train = convention.num_train or train_size()
+    if convention.num_held_out is None:
+        num_held_out = max(1, num_train * DEFAULT_HELD_OUT_PERCENT // 100)
+    else:
+        num_held_out = convention.num_held_out
+    if not 0 < num_held_out < num_train:
+        raise ValueError(
+            f"Cannot carve {split!r} from {name!r}: {num_held_out} held-out "
+            f"examples do not fit in an official train split of {num_train}; "
+            "use an explicit slice such as 'train[:90%]'."
+        )
+    cut = num_train - num_held_out
+    return f"train[:{cut}]" if split == "train" else f"train[{cut}:]"
+
+
+def _check_train_size(name: str, split: str, reader) -> None:
+    """The carve assumed a train size from the table: is it the data's?"""
+    convention = _SPLIT_CONVENTIONS.get(_base_name(name), SplitConvention())
+    if split not in ("train", "val") or convention.num_train is None:
+        return
+    sizes = reader.official_sizes()
+    if sizes is not None and sizes.get("train") != convention.num_train:
+        raise ValueError(
+            f"{name!r}: split {split!r} assumes {convention.num_train} official "
+            f"train examples but the data has {sizes.get('train')}; use an "
+            "explicit slice such as 'train[:90%]'."
+        )
+
+
+def resolve_split(
+    name: str, split: str, *, data_dir: str | os.PathLike | None = None
+) -> str:
+    """Returns the official-split slice that ``split`` stands for.
+
+    Args:
+      name: Dataset name (TFDS name or offline source).
+      split: An alias ``train | val | trainval | test`` or a slice such as
+        ``train[:1000]`` (returned unchanged).
+      data_dir: Where the data is; only read when the size of the official
+        training split is not in the split table (``SplitConvention``).
+
+    Returns:
+      A TFDS split string, e.g. ``resolve_split("imagenet2012", "val") ==
+      "train[1231121:]"`` (reference section 2: the last 50,046 images).
+
+    Raises:
+      ValueError: Unknown dataset (with close names) or unknown split (with the
+        accepted forms).
+    """
+    data_dir = None if data_dir is None else os.fspath(data_dir)
+    _check_name(name, data_dir)
+    return _resolve(name, split, lambda: _open(name, data_dir).train_size())
+
+
+def get_source(
+    name: str, split: str, *, data_dir: str | os.PathLike | None = None
+) -> tf.data.Dataset:
+    """Returns the examples of ``split`` of dataset ``name``, in a fixed order.
+
+    Args:
+      name: A TFDS dataset name (``imagenet2012``, ``cifar10``,
+        ``places365_small``, ...; optionally ``name/config:version``) or an
+        offline source (``fashion_mnist_idx``).
+      split: ``train | val | trainval | test`` (see the module docstring) or a
+        slice of an official split such as ``train[:1000]`` or ``test[-10%:]``.
+      data_dir: TFDS data directory, or the directory of an offline source's
+        files. ``None``: TFDS's default directory, or the source's default
+        (``/usr/share/datasets/fashion-mnist`` for ``fashion_mnist_idx``).
+
+    Returns:
+      A finite ``tf.data.Dataset`` of ``{"image": uint8 [H, W, C],
+      "label": int64 []}`` (e.g. ``[28, 28, 1]`` for Fashion-MNIST, variable
+      ``[None, None, 3]`` for ImageNet), always in the same order.
+
+    Raises:
+      ValueError: Unknown dataset or split, or data that contradicts the split
+        table.
+      FileNotFoundError: The dataset is not prepared / its files are missing in
+        ``data_dir`` (the message says how to get it).
+    """
+    reader = _open(name, data_dir)
+    resolved = _resolve(name, split, reader.train_size)
+    _check_train_size(name, split, reader)
+    return reader.read(resolved)
+
+
+def num_examples(
+    name: str, split: str, *, data_dir: str | os.PathLike | None = None
+) -> int:
+    """Exact number of examples ``get_source(name, split)`` yields.
+
+    Args:
+      name: As for ``get_source``.
+      split: As for ``get_source``.
+      data_dir: As for ``get_source``.
+
+    Returns:
+      The count, read from the prepared TFDS metadata or the arrays (not by
+      iterating), e.g. 50,000 for ``("fashion_mnist_idx", "train")``.
+
+    Raises:
+      ValueError, FileNotFoundError: As for ``get_source``.
+    """
+    reader = _open(name, data_dir)
+    resolved = _resolve(name, split, reader.train_size)
+    _check_train_size(name, split, reader)
+    return reader.count(resolved)
