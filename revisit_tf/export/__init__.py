@@ -1,0 +1,43 @@
+"""Stage 5 of the data flow: export a trained trunk as a reusable SavedModel.
+
+Contract:
+
+* Input: a trained Keras 3 model ``images -> {endpoint_name: tensor}`` (as built
+  by ``revisit_tf.models``, weights restored by the caller), the exported input
+  shape ``(H, W, C)`` and the training preprocessing of a [0, 1] image batch.
+* Output: a SavedModel directory (written atomically) whose input is
+  ``images`` float32 ``[N, H, W, C]`` in [0, 1] everywhere, with
+  signatures ``serving_default`` (every endpoint plus ``default`` = pooled
+  ``pre_logits`` ``[N, D]``) and ``representation`` (the endpoint dict), both
+  in inference mode, and the TF Hub Reusable SavedModel attributes
+  (``__call__(images, training)``, ``variables``, ``trainable_variables``,
+  ``regularization_losses``) for fine-tuning. Metadata describing the input
+  lives in ``assets.extra/revisit_tf_export.json``.
+* Consumers: the linear probe (stage 6) via ``load`` or ``tf.saved_model.load``;
+  Keras 3 via ``keras.layers.TFSMLayer(path, call_endpoint=...)``; Keras 2
+  (``tf_keras``) via ``hub.KerasLayer(path, trainable=...)``.
+
+See ``revisit_tf.export.saved_model`` for the details and design choices.
+"""
+
+from revisit_tf.export.saved_model import (
+    DEFAULT_OUTPUT_KEY,
+    INPUT_KEY,
+    INPUT_VALUE_RANGE,
+    REPRESENTATION_SIGNATURE,
+    SERVING_SIGNATURE,
+    export_saved_model,
+    load,
+    read_metadata,
+)
+
+__all__ = [
+    "DEFAULT_OUTPUT_KEY",
+    "INPUT_KEY",
+    "INPUT_VALUE_RANGE",
+    "REPRESENTATION_SIGNATURE",
+    "SERVING_SIGNATURE",
+    "export_saved_model",
+    "load",
+    "read_metadata",
+]

@@ -1,0 +1,485 @@
+"""Write a trained trunk as a reusable, self-describing TF2 SavedModel.
+
+Place in the data flow: stage 5 (export). Input: a trained Keras 3 model whose
+output is a dict of named endpoints (``after_root``, ``block1``..``block4``,
+``pre_logits``, ``logits``; reference section 5.4), restored from a checkpoint by
+the caller. Output: a SavedModel directory that the linear probe (stage 6) and
+any TF2 program read without this package, the modern form of the TF1 Hub
+module of reference section 7.6.
+
+Contract of the exported directory (``export_saved_model``):
+
+* Input everywhere: ``images`` float32 ``[N, H, W, C]`` with values in [0, 1]
+  (``H``/``W`` may be ``None``). The training preprocessing that maps such a
+  batch onto what the trunk saw (e.g. ``x * 2 - 1`` for [-1, 1]) runs *inside*
+  every exported function, so users need not know it (style guide 4.6).
+* Signature ``serving_default``: ``images`` -> dict with every endpoint by name,
+  in inference mode (BN moving statistics), plus ``default`` = the pooled
+  feature endpoint ``[N, D]`` (``pre_logits`` unless told otherwise; a rank-4
+  endpoint ``[N, h, w, D]``, e.g. VGG's ``[N, 1, 1, D]``, is averaged over
+  ``h, w``).
+* Signature ``representation``: ``images`` -> the endpoint dict alone, also in
+  inference mode (what reference 8.1 reads for linear evaluation).
+* No ``default`` signature key. The TF1 module's ``default`` signature returned
+  the trunk's *final* output (e.g. the 4 rotation logits); ours returns the
+  feature vector under the output key ``default``. An alias would make old code
+  asking for ``signatures["default"]`` silently receive different numbers; a
+  missing key fails loudly and lists the available signatures instead.
+* TF Hub "Reusable SavedModel" attributes on the root object:
+  ``__call__(images, training=False)`` -> ``default`` ``[N, D]``, traced for
+  ``training=False`` and ``training=True`` (training mode uses batch statistics
+  and updates the BN moving averages, as the TF1 ``{"is_training"}`` graph
+  variant did); ``variables``; ``trainable_variables``; and
+  ``regularization_losses``, one zero-argument function per regularized kernel
+  that returns its scalar weight-decay term, together equal to the model's
+  ``sum(model.losses)`` (reference section 6). ``hub.KerasLayer(path,
+  trainable=True)`` therefore fine-tunes the trunk with its weight decay; note
+  that ``hub.KerasLayer`` is a Keras 2 (``tf_keras``) layer (tensorflow/hub#920):
+  Keras 3 users load with ``keras.layers.TFSMLayer(path,
+  call_endpoint="serving_default" | "representation")``, which finds the
+  functions of the same names on the root object (signature functions
+  themselves only accept keyword arguments).
+* ``assets.extra/revisit_tf_export.json`` records the expected input (key,
+  dtype, shape, value range), the endpoint shapes, the feature endpoint and
+  optional caller metadata, readable without TensorFlow; ``load`` checks it.
+
+Why a ``tf.train.Checkpoint`` root and ``tf.saved_model.save`` rather than
+``keras.export.ExportArchive`` (which style guide 4.6 suggests):
+``ExportArchive`` registers every endpoint as a signature with a fixed input
+signature, so it cannot hold ``__call__`` traced for the Python bool
+``training``, and it has no public way to put ``regularization_losses`` on the
+root; both would need its private ``_tf_trackable``. The root here does what
+``ExportArchive`` does underneath (a generic trackable holding the model's
+variables and ``tf.function`` s) with public API only. ``tf.Module`` is not used
+because it reserves ``variables``/``trainable_variables`` as computed
+properties, which are neither assignable nor saved.
+
+Writes are atomic: the SavedModel is written to a temporary sibling directory
+and renamed into place; an existing export is moved aside first and deleted
+only after the new one is in place, and is moved back if that rename fails.
+Restoring the trunk from a checkpoint (with ``assert_existing_objects_matched``)
+is the caller's job; this module only sees the in-memory model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+import revisit_tf
+
+INPUT_KEY = "images"
+DEFAULT_OUTPUT_KEY = "default"
+SERVING_SIGNATURE = "serving_default"
+REPRESENTATION_SIGNATURE = "representation"
+INPUT_VALUE_RANGE = (0.0, 1.0)
+METADATA_DIR = "assets.extra"
+METADATA_FILE = "revisit_tf_export.json"
+FORMAT_NAME = "revisit_tf.export.saved_model"
+FORMAT_VERSION = 1
+
+Preprocess = Callable[[tf.Tensor], tf.Tensor]
+
+
+def export_saved_model(
+    model: keras.Model,
+    path: str | os.PathLike,
+    *,
+    image_shape: tuple[int | None, int | None, int],
+    preprocess: Preprocess | None = None,
+    feature_endpoint: str = "pre_logits",
+    overwrite: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+) -> str:
+    """Exports ``model`` as a SavedModel with the contract of this module.
+
+    Args:
+      model: a built Keras 3 model with one image input whose call returns a
+        dict ``{endpoint_name: tensor [N, ...]}``.
+      path: the export directory (local or any ``tf.io.gfile`` filesystem). Its
+        parent is created if needed.
+      image_shape: ``(H, W, C)`` of the exported input ``images [N, H, W, C]``
+        (float32 in [0, 1]); ``H`` and ``W`` may be ``None``.
+      preprocess: maps the ``[N, H, W, C]`` batch in [0, 1] to what the trunk was
+        trained on (e.g. ``lambda x: x * 2.0 - 1.0``); traced into every
+        exported function. ``None`` feeds the images unchanged.
+      feature_endpoint: the endpoint returned as ``default`` and by
+        ``__call__``; rank 2 ``[N, D]`` or rank 4 ``[N, h, w, D]`` (averaged
+        over ``h, w`` to ``[N, D]``).
+      overwrite: replace an existing export at ``path``; if False, an existing
+        ``path`` raises ``FileExistsError``.
+      metadata: optional JSON-serializable mapping stored under
+        ``"user_metadata"`` in the export's metadata file (e.g. the pretext task
+        and the training step).
+
+    Returns:
+      ``path`` as a string (without a trailing separator).
+
+    Raises:
+      ValueError: a malformed argument, a model whose output is not a dict of
+        endpoints, an unknown or wrongly ranked ``feature_endpoint``, or an
+        endpoint named ``default``. Raised before anything is written.
+      TypeError: ``metadata`` is not JSON-serializable.
+      FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    path = _normalize_path(path)
+    image_shape = _check_image_shape(image_shape)
+    _check_model(model, image_shape, check_input_shape=preprocess is None)
+    if preprocess is not None and not callable(preprocess):
+        raise ValueError(
+            f"preprocess must be a callable [N, H, W, C] -> tensor or None, got "
+            f"{preprocess!r}."
+        )
+    if not isinstance(feature_endpoint, str) or not feature_endpoint:
+        raise ValueError(
+            f"feature_endpoint must be a non-empty endpoint name, got "
+            f"{feature_endpoint!r}."
+        )
+    user_metadata = dict(metadata or {})
+    try:
+        json.dumps(user_metadata)
+    except TypeError as e:
+        raise TypeError(f"metadata must be JSON-serializable: {e}") from e
+    if not overwrite and tf.io.gfile.exists(path):
+        raise FileExistsError(
+            f"Export path {path!r} already exists and overwrite=False."
+        )
+
+    # Everything is traced (and so validated) before anything touches disk.
+    root, signatures = _build_root(
+        model, image_shape, preprocess or (lambda x: x), feature_endpoint
+    )
+    meta = _make_metadata(signatures, image_shape, feature_endpoint, user_metadata)
+
+    def write(directory: str) -> None:
+        tf.saved_model.save(root, directory, signatures=signatures)
+        meta_dir = tf.io.gfile.join(directory, METADATA_DIR)
+        tf.io.gfile.makedirs(meta_dir)
+        with tf.io.gfile.GFile(tf.io.gfile.join(meta_dir, METADATA_FILE), "w") as f:
+            f.write(json.dumps(meta, indent=2, sort_keys=True))
+
+    _write_atomically(path, write, overwrite=overwrite)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Returns the metadata dict of an export written by ``export_saved_model``.
+
+    Args:
+      path: the export directory.
+
+    Returns:
+      The parsed ``assets.extra/revisit_tf_export.json``: keys ``format``,
+      ``format_version``, ``revisit_tf_version``, ``input`` (``key``,
+      ``dtype``, ``shape`` ``[None, H, W, C]``, ``value_range`` ``[0.0, 1.0]``),
+      ``feature_endpoint``, ``endpoints`` (name -> ``{"shape", "dtype"}``),
+      ``signatures`` and ``user_metadata``.
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      ValueError: ``path`` is not a revisit_tf export (no or unreadable metadata
+        file, or another format version).
+    """
+    path = _normalize_path(path)
+    if not tf.io.gfile.isdir(path):
+        raise FileNotFoundError(f"No export directory at {path!r}.")
+    meta_path = tf.io.gfile.join(path, METADATA_DIR, METADATA_FILE)
+    if not tf.io.gfile.exists(meta_path):
+        raise ValueError(
+            f"{path!r} is not a revisit_tf export: {meta_path!r} is missing "
+            "(expected a directory written by "
+            "revisit_tf.export.export_saved_model)."
+        )
+    with tf.io.gfile.GFile(meta_path, "r") as f:
+        text = f.read()
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path!r} is not a revisit_tf export: {meta_path!r} is not JSON ({e})."
+        ) from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise ValueError(
+            f"{path!r} is not a revisit_tf export: {meta_path!r} has format "
+            f"{meta.get('format') if isinstance(meta, dict) else meta!r}, "
+            f"expected {FORMAT_NAME!r}."
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"Export {path!r} has format_version {meta.get('format_version')!r}; "
+            f"this revisit_tf reads version {FORMAT_VERSION}."
+        )
+    return meta
+
+
+def load(path: str | os.PathLike) -> Any:
+    """Loads an export after checking that it is a revisit_tf export.
+
+    A thin wrapper over ``tf.saved_model.load``: the returned object has the
+    signatures ``serving_default`` and ``representation``, the same functions as
+    attributes, ``__call__(images, training=False)`` -> ``[N, D]``,
+    ``variables``, ``trainable_variables`` and ``regularization_losses``. Feed
+    it float32 images in [0, 1] of shape ``[N, H, W, C]``
+    (``read_metadata(path)["input"]``). Keep the returned object alive while
+    using its functions: they reference its variables only weakly.
+
+    Args:
+      path: the export directory.
+
+    Returns:
+      The object returned by ``tf.saved_model.load(path)``.
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      ValueError: ``path`` is not a revisit_tf export.
+    """
+    path = _normalize_path(path)
+    read_metadata(path)
+    return tf.saved_model.load(path)
+
+
+def _normalize_path(path: str | os.PathLike) -> str:
+    """Returns ``path`` as a str without trailing separators, or raises."""
+    if not isinstance(path, str | os.PathLike):
+        raise ValueError(f"path must be a str or os.PathLike, got {path!r}.")
+    text = os.fspath(path)
+    stripped = text.rstrip("/")
+    if not stripped:
+        raise ValueError(f"path must name a directory below a parent, got {text!r}.")
+    return stripped
+
+
+def _check_image_shape(
+    image_shape: tuple[int | None, int | None, int],
+) -> tuple[int | None, int | None, int]:
+    """Validates ``(H, W, C)``: H, W positive ints or None; C a positive int."""
+
+    def is_positive_int(d: object) -> bool:
+        return isinstance(d, int) and not isinstance(d, bool) and d > 0
+
+    ok = isinstance(image_shape, tuple | list) and len(image_shape) == 3
+    if ok:
+        h, w, c = image_shape
+        ok = all(d is None or is_positive_int(d) for d in (h, w)) and is_positive_int(c)
+    if not ok:
+        raise ValueError(
+            f"image_shape must be (H, W, C) with H, W positive ints or None and "
+            f"C a positive int, got {image_shape!r}."
+        )
+    return tuple(image_shape)
+
+
+def _check_model(
+    model: keras.Model,
+    image_shape: tuple[int | None, int | None, int],
+    *,
+    check_input_shape: bool,
+) -> None:
+    """Checks that ``model`` is a built single-input Keras model.
+
+    Without a preprocess function, the exported input feeds the model directly,
+    so ``image_shape`` must then be compatible with the model's input shape.
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"model must be a keras.Model mapping images to an endpoint dict, got "
+            f"{type(model).__name__}."
+        )
+    if not model.built:
+        raise ValueError(f"model {model.name!r} is not built; call or build it first.")
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None  # Subclassed model: the trace below checks the input.
+    if inputs is None:
+        return
+    if len(inputs) != 1:
+        raise ValueError(
+            f"model {model.name!r} must have exactly one (image) input, got "
+            f"{len(inputs)}: {[tuple(x.shape) for x in inputs]}."
+        )
+    model_shape = tuple(inputs[0].shape)
+    if check_input_shape:
+        compatible = len(model_shape) == 4 and all(
+            m is None or m == d
+            for m, d in zip(model_shape[1:], image_shape, strict=True)
+        )
+        if not compatible:
+            raise ValueError(
+                f"image_shape {image_shape} does not fit the input shape "
+                f"{model_shape} of model {model.name!r}; give the model's (H, W, C) "
+                "or a preprocess function that maps between them."
+            )
+
+
+def _pool_features(features: tf.Tensor, name: str) -> tf.Tensor:
+    """Maps the feature endpoint to ``[N, D]``: rank 2 as is, rank 4 averaged."""
+    rank = features.shape.rank
+    if rank == 2:
+        return tf.identity(features)
+    if rank == 4:
+        # [N, h, w, D] -> [N, D]; for VGG's [N, 1, 1, D] this is a squeeze.
+        return tf.reduce_mean(features, axis=[1, 2])
+    raise ValueError(
+        f"feature endpoint {name!r} must be rank 2 [N, D] or rank 4 [N, h, w, D], "
+        f"got shape {features.shape}."
+    )
+
+
+def _build_root(
+    model: keras.Model,
+    image_shape: tuple[int | None, int | None, int],
+    preprocess: Preprocess,
+    feature_endpoint: str,
+) -> tuple[tf.train.Checkpoint, dict[str, Any]]:
+    """Builds and traces the object to save.
+
+    Returns:
+      ``(root, signatures)``: the trackable root with the endpoint functions and
+      the Reusable SavedModel attributes, and the signature dict for
+      ``tf.saved_model.save``.
+    """
+    image_spec = tf.TensorSpec([None, *image_shape], tf.float32, name=INPUT_KEY)
+
+    def endpoints(images: tf.Tensor, training: bool) -> dict[str, tf.Tensor]:
+        outputs = model(preprocess(images), training=training)
+        if not isinstance(outputs, Mapping) or not all(
+            isinstance(k, str) for k in outputs
+        ):
+            raise ValueError(
+                f"model {model.name!r} must return a dict {{endpoint_name: "
+                f"tensor}}, got {type(outputs).__name__}."
+            )
+        if DEFAULT_OUTPUT_KEY in outputs:
+            raise ValueError(
+                f"model {model.name!r} has an endpoint named "
+                f"{DEFAULT_OUTPUT_KEY!r}, which the export reserves for the pooled "
+                "feature vector; rename that endpoint."
+            )
+        if feature_endpoint not in outputs:
+            raise ValueError(
+                f"feature_endpoint {feature_endpoint!r} is not an endpoint of model "
+                f"{model.name!r}; available: {sorted(outputs)}."
+            )
+        return dict(outputs)
+
+    def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        outputs = endpoints(images, training=False)
+        pooled = _pool_features(outputs[feature_endpoint], feature_endpoint)
+        return {**outputs, DEFAULT_OUTPUT_KEY: pooled}
+
+    def representation(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        return endpoints(images, training=False)
+
+    def call(images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        outputs = endpoints(images, training=training)
+        return _pool_features(outputs[feature_endpoint], feature_endpoint)
+
+    serve_fn = tf.function(serve, input_signature=[image_spec], autograph=False)
+    representation_fn = tf.function(
+        representation, input_signature=[image_spec], autograph=False
+    )
+    # No input_signature: `training` is a Python bool, so trace both values.
+    call_fn = tf.function(call, autograph=False)
+    signatures = {
+        SERVING_SIGNATURE: serve_fn.get_concrete_function(),
+        REPRESENTATION_SIGNATURE: representation_fn.get_concrete_function(),
+    }
+    call_fn.get_concrete_function(image_spec, training=False)
+    call_fn.get_concrete_function(image_spec, training=True)
+
+    root = tf.train.Checkpoint()
+    root.__call__ = call_fn
+    # Also plain attributes: signature functions accept keyword arguments only,
+    # while TFSMLayer(call_endpoint=...) calls its endpoint with one positional.
+    setattr(root, SERVING_SIGNATURE, serve_fn)
+    setattr(root, REPRESENTATION_SIGNATURE, representation_fn)
+    root.variables = list(model.variables)
+    root.trainable_variables = list(model.trainable_variables)
+    # Same terms as keras' Layer.losses: the regularizer of each trainable weight.
+    root.regularization_losses = [
+        _regularization_fn(v) for v in model.trainable_weights if v.regularizer
+    ]
+    return root, signatures
+
+
+def _regularization_fn(
+    variable: keras.Variable,
+) -> tf.types.experimental.PolymorphicFunction:
+    """Returns a traced zero-argument function -> scalar decay of ``variable``."""
+    fn = tf.function(
+        lambda: variable.regularizer(variable), input_signature=[], autograph=False
+    )
+    fn.get_concrete_function()
+    return fn
+
+
+def _make_metadata(
+    signatures: Mapping[str, Any],
+    image_shape: tuple[int | None, int | None, int],
+    feature_endpoint: str,
+    user_metadata: dict[str, Any],
+) -> dict[str, Any]:
+    """Returns the JSON-able description of the export (see ``read_metadata``)."""
+    outputs = signatures[REPRESENTATION_SIGNATURE].structured_outputs
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "revisit_tf_version": revisit_tf.__version__,
+        "input": {
+            "key": INPUT_KEY,
+            "dtype": "float32",
+            "shape": [None, *image_shape],
+            "value_range": list(INPUT_VALUE_RANGE),
+        },
+        "feature_endpoint": feature_endpoint,
+        "default_output_key": DEFAULT_OUTPUT_KEY,
+        "endpoints": {
+            name: {"shape": t.shape.as_list(), "dtype": t.dtype.name}
+            for name, t in sorted(outputs.items())
+        },
+        "signatures": [SERVING_SIGNATURE, REPRESENTATION_SIGNATURE],
+        "user_metadata": user_metadata,
+    }
+
+
+def _write_atomically(
+    path: str, write: Callable[[str], None], *, overwrite: bool
+) -> None:
+    """Runs ``write(tmp)`` on a fresh sibling of ``path``, then renames it in.
+
+    On any failure the temporary directory is removed and an existing export at
+    ``path`` is left (or put back) in place.
+    """
+    parent = os.path.dirname(path)
+    if parent:
+        tf.io.gfile.makedirs(parent)
+    # pid + random suffix: concurrent or crashed writers never share a name.
+    suffix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = f"{path}.tmp-{suffix}"
+    old = f"{path}.old-{suffix}"
+    try:
+        write(tmp)
+        if tf.io.gfile.exists(path):
+            if not overwrite:
+                raise FileExistsError(
+                    f"Export path {path!r} already exists and overwrite=False."
+                )
+            tf.io.gfile.rename(path, old)
+            try:
+                tf.io.gfile.rename(tmp, path)
+            except BaseException:
+                tf.io.gfile.rename(old, path)
+                raise
+            tf.io.gfile.rmtree(old)
+        else:
+            tf.io.gfile.rename(tmp, path)
+    finally:
+        if tf.io.gfile.exists(tmp):
+            tf.io.gfile.rmtree(tmp)
