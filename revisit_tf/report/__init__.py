@@ -1,0 +1,22 @@
+"""Stage 7, report: probe result files -> paper-style markdown tables.
+
+Contract:
+  * input: JSON-lines files, one JSON object per line, as written by the probe
+    stage into ``<workdir>/probe/results.jsonl`` (one line per model x
+    endpoint: ``model``, ``endpoint``, ``l2``, ``n_train``/``n_val``/``n_test``,
+    ``iterations``, ``converged``, ``train_top1``/``val_top1``/``test_top1`` as
+    fractions in [0, 1], ``seconds``, optionally ``published_top1`` and
+    ``workdir``);
+  * output: markdown text (``tables.probe_table``), accuracies printed in
+    percent as in the paper's Tables 1 and 2 (reference section 12).
+
+Modules:
+  * ``results``: ``append_result`` (crash-safe append of one line) and
+    ``read_results`` (files or workdirs -> list of dicts);
+  * ``tables``: ``markdown_table`` (generic, key-driven number formatting) and
+    ``probe_table`` (deduplicated, ordered probe report).
+
+The format is append-only like big_vision's metric logs: several probe runs
+can write to the same file and results from many workdirs merge by
+concatenation. Nothing here imports TensorFlow.
+"""

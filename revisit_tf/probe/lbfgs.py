@@ -1,0 +1,787 @@
+"""Linear probe: multinomial logistic regression solved with TFP's L-BFGS.
+
+Place in the data flow (stage 6, second half): ``probe/features.py`` runs an
+exported trunk once per split and caches one feature matrix per endpoint; this
+module fits a linear classifier on such a matrix, selects the L2 strength on a
+held-out split and scores splits with the chosen model. The numbers it returns
+end up as rows of ``probe/results.jsonl`` (stage 7, ``revisit_tf.report``).
+
+Contract:
+  * inputs: ``features`` real ``[N, D]`` (finite), ``labels`` integer ``[N]`` in
+    ``[0, C)``; NumPy arrays or eager tensors;
+  * outputs: ``ProbeFit`` (NumPy ``weights [D, C]``, ``bias [C]`` and solver
+    diagnostics) and, for a sweep, ``SweepResult`` (best fit, per-l2 table, the
+    standardizer to apply to every other split).
+
+The problem. With ``Z = X W + 1 b^T`` (``[N, C]`` logits), ``P = softmax(Z)``
+row-wise and ``Y = onehot(y)``, we minimise
+
+    J(W, b) = (1/N) sum_i CE(p_i, y_i) + (l2 / 2) ||W||_F^2,
+    CE(p_i, y_i) = -log p_{i, y_i},                           (bias not penalised)
+
+the objective of the paper's linear evaluation (section 8.4 of the reference:
+softmax cross-entropy of a linear head, with L2 weight decay), solved to
+convergence on the whole training set instead of by SGD. scikit-learn's
+``LogisticRegression(C=C)`` (multinomial, l2) minimises
+``S = sum_i CE_i + ||W||_F^2 / (2 C)``; since ``S = N * J`` when
+``l2 = 1 / (C * N)``, both have the same minimiser (scikit-learn itself divides
+by N internally: its ``l2_reg_strength`` is ``1 / (C * sum(sample_weight))``).
+
+The gradient, written with ``R = (P - Y) / N`` (``[N, C]``, ``dJ/dZ``):
+
+    dJ/dW = X^T R + l2 W        [D, C]
+    dJ/db = 1^T R               [C]
+
+We work with the augmented matrices ``X~ = [X, 1]`` (``[N, D+1]``) and
+``Theta = [W; b]`` (``[D+1, C]``, W stacked on top of b) so that
+``Z = X~ Theta`` and ``dJ/dTheta = X~^T R + l2 [W; 0]``. The L-BFGS position is
+``Theta`` flattened row-major, i.e. ``[W.ravel(); b]``.
+
+Uniqueness. ``J`` is convex; for ``l2 > 0`` it is strictly convex in ``W``,
+and the only flat direction left is ``b -> b + c 1`` (softmax is invariant to a
+shift of all logits). We return the representative with ``sum(b) = 0``, which
+makes the solution unique and comparable across solvers. (Shifting every
+column of ``W`` by the same vector is also softmax-invariant, but the penalty
+is smallest when the rows of ``W`` sum to zero, so the optimum has them so.)
+
+Why the solver looks like this:
+  * float64 by default: the objective is a mean over N examples, and near the
+    optimum the line search compares values that differ below float32's
+    rounding of that sum. In float32 the search then stalls before a gradient
+    tolerance of 1e-6 is met: TFP either sets ``failed`` or takes a zero step,
+    which it reports as ``converged`` (its ``x_tolerance`` is 0), so check
+    ``gradient_max`` too. ``dtype=tf.float32`` halves memory for large feature
+    matrices; use a looser ``tolerance`` (~1e-4) with it.
+  * one compiled ``tf.function`` per dtype, with an ``input_signature`` whose
+    shapes are all unknown and with ``l2``, the tolerance and the iteration cap
+    passed as tensors: a whole L2 sweep over several endpoints traces once.
+    The feature matrix is a function argument, never a captured constant, so
+    it is not copied into the graph.
+  * 10 correction pairs and up to 50 line-search steps, the values
+    scikit-learn gives scipy's L-BFGS-B (``maxcor`` default, ``maxls=50``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+_NUM_CORRECTION_PAIRS = 10
+_MAX_LINE_SEARCH_ITERATIONS = 50
+_SUPPORTED_DTYPES = (tf.float32, tf.float64)
+
+
+# --------------------------------------------------------------------------
+# Data classes.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ProbeParams:
+    """Parameters of a linear classifier ``logits = features @ weights + bias``.
+
+    Attributes:
+        weights: ``[D, C]`` array.
+        bias: ``[C]`` array.
+
+    Example:
+        >>> params = ProbeParams(np.zeros([5, 3]), np.zeros([3]))
+        >>> predict_logits(params, np.ones([2, 5])).shape
+        (2, 3)
+    """
+
+    weights: np.ndarray
+    bias: np.ndarray
+
+    def __post_init__(self):
+        self.weights = np.asarray(self.weights)
+        self.bias = np.asarray(self.bias)
+
+    @property
+    def num_features(self) -> int:
+        """D, the input dimension."""
+        return int(self.weights.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        """C, the number of classes."""
+        return int(self.weights.shape[1])
+
+
+@dataclasses.dataclass
+class ProbeFit(ProbeParams):
+    """A solved probe: parameters plus L-BFGS diagnostics.
+
+    A ``ProbeFit`` is a ``ProbeParams``, so it can be passed directly as the
+    ``initial`` point of the next fit (warm start) or to ``predict_logits``.
+
+    Attributes:
+        weights: ``[D, C]`` array in the solver dtype.
+        bias: ``[C]`` array, centred (``sum(bias) == 0``, see module docstring).
+        l2: the penalty strength ``l2`` of the objective ``J``.
+        loss: ``J`` at the returned position (mean CE + ``l2/2 ||W||^2``).
+        gradient_max: sup-norm of ``dJ/dTheta`` at the returned position.
+        iterations: L-BFGS iterations (TFP ``num_iterations``).
+        function_evaluations: objective+gradient evaluations
+            (TFP ``num_objective_evaluations``).
+        converged: TFP ``converged``: ``gradient_max <= tolerance`` (or the
+            position stopped moving).
+        failed: TFP ``failed``: the line search found no acceptable step. With
+            ``converged`` False and ``failed`` False, ``max_iterations`` was hit.
+        seconds: wall time of the solve (includes tracing on first use).
+    """
+
+    l2: float
+    loss: float
+    gradient_max: float
+    iterations: int
+    function_evaluations: int
+    converged: bool
+    failed: bool
+    seconds: float
+
+
+@dataclasses.dataclass
+class Standardizer:
+    """Per-feature affine map ``(x - mean) / scale`` fitted on a training split.
+
+    Why the sweep standardizes by default: L-BFGS converges in a number of
+    iterations that grows with the condition number of the Hessian of ``J``,
+    which for raw trunk features is poor (endpoint activations differ in scale
+    by orders of magnitude, and un-centred non-negative ReLU features couple
+    the bias with every weight). Centring and scaling to unit variance makes
+    one tolerance and one l2 grid usable for every endpoint. It changes the
+    effective penalty (``||W'||^2`` on standardized features is
+    ``||diag(scale) W||^2`` on raw ones), which is harmless because ``l2`` is
+    chosen on validation data anyway.
+
+    Features whose training standard deviation is ``<= min_scale`` (e.g. a
+    ReLU channel that is zero on every training image) are only centred, with
+    scale 1, as scikit-learn's ``StandardScaler`` does: dividing by a floored
+    tiny std would turn a small non-zero test activation into a huge input.
+
+    Attributes:
+        mean: ``[D]`` float64 training mean.
+        scale: ``[D]`` float64 divisor (training std, or 1 for ~constant
+            features).
+
+    Example:
+        >>> s = Standardizer.fit(train_x)
+        >>> z_train, z_test = s.apply(train_x), s.apply(test_x)
+    """
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, features: np.ndarray, *, min_scale: float = 1e-8) -> Standardizer:
+        """Computes mean and scale over the rows of ``features``.
+
+        Args:
+            features: ``[N, D]`` real, finite array (the training split).
+            min_scale: standard deviations at or below this are replaced by 1.
+
+        Returns:
+            The fitted ``Standardizer`` (float64 statistics).
+
+        Raises:
+            ValueError: on a bad ``features`` array or a negative ``min_scale``.
+        """
+        if not min_scale >= 0:
+            raise ValueError(f"min_scale must be >= 0; got {min_scale!r}.")
+        x = _check_features(features, "features")
+        mean = np.mean(x, axis=0, dtype=np.float64)  # [D]
+        std = np.std(x, axis=0, dtype=np.float64)  # [D]
+        scale = np.where(std > min_scale, std, 1.0)
+        return cls(mean=mean, scale=scale)
+
+    def apply(self, features: np.ndarray) -> np.ndarray:
+        """Returns ``(features - mean) / scale``, shape ``[N, D]``.
+
+        The result keeps the dtype of ``features`` when it is floating point
+        (so float32 features stay float32), else it is float64.
+
+        Raises:
+            ValueError: if ``features`` is not ``[N, D]`` with the fitted D.
+        """
+        x = _check_features(features, "features", num_features=self.mean.shape[0])
+        out_dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float64
+        return ((x - self.mean) / self.scale).astype(out_dtype, copy=False)
+
+
+@dataclasses.dataclass
+class SweepPoint:
+    """One row of the L2 sweep table.
+
+    Attributes:
+        l2: penalty strength.
+        train_top1: top-1 accuracy on the training split, in [0, 1].
+        val_top1: top-1 accuracy on the validation split, in [0, 1].
+        loss: final objective ``J`` on the training split.
+        iterations: L-BFGS iterations of this fit.
+        converged: TFP ``converged`` flag.
+        failed: TFP ``failed`` flag.
+        seconds: wall time of this fit.
+    """
+
+    l2: float
+    train_top1: float
+    val_top1: float
+    loss: float
+    iterations: int
+    converged: bool
+    failed: bool
+    seconds: float
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """Outcome of ``sweep_l2``.
+
+    Attributes:
+        best: the fit with the best validation top-1 (ties -> larger l2). Its
+            weights apply to *standardized* features when ``standardizer`` is
+            not None.
+        table: one ``SweepPoint`` per grid value, from largest to smallest l2.
+        standardizer: the map fitted on the training split, or None when the
+            sweep ran on raw features.
+
+    Example:
+        >>> result = sweep_l2(tr_x, tr_y, va_x, va_y, l2_grid=[1e-2, 1e-4])
+        >>> test_top1 = result.accuracy(te_x, te_y)
+    """
+
+    best: ProbeFit
+    table: list[SweepPoint]
+    standardizer: Standardizer | None
+
+    @property
+    def best_l2(self) -> float:
+        """The selected penalty strength."""
+        return self.best.l2
+
+    @property
+    def best_point(self) -> SweepPoint:
+        """The table row of the selected l2 (its train/val top-1, iterations)."""
+        return next(p for p in self.table if p.l2 == self.best.l2)
+
+    def predict_logits(self, features: np.ndarray) -> np.ndarray:
+        """Standardizes (if the sweep did) and applies the best fit: ``[N, C]``."""
+        if self.standardizer is not None:
+            features = self.standardizer.apply(features)
+        return predict_logits(self.best, features)
+
+    def accuracy(self, features: np.ndarray, labels: np.ndarray) -> float:
+        """Top-1 accuracy of the best fit on raw ``features`` ``[N, D]``."""
+        if self.standardizer is not None:
+            features = self.standardizer.apply(features)
+        return accuracy(self.best, features, labels)
+
+
+# --------------------------------------------------------------------------
+# Validation helpers.
+# --------------------------------------------------------------------------
+
+
+def _check_features(
+    features: np.ndarray, name: str, *, num_features: int | None = None
+) -> np.ndarray:
+    """Returns ``features`` as a NumPy ``[N, D]`` real array or raises."""
+    x = np.asarray(features)
+    if x.dtype == np.bool_ or not (
+        np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
+    ):
+        raise ValueError(
+            f"{name} must be a real-valued (float or int) array; got dtype {x.dtype}."
+        )
+    if x.ndim != 2:
+        raise ValueError(f"{name} must have shape [N, D] (rank 2); got {x.shape}.")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be non-empty [N, D]; got shape {x.shape}.")
+    if num_features is not None and x.shape[1] != num_features:
+        raise ValueError(
+            f"{name} has {x.shape[1]} features per row; expected {num_features}."
+        )
+    finite = np.isfinite(x)
+    if not finite.all():
+        row, col = np.argwhere(~finite)[0]
+        raise ValueError(
+            f"{name} must be finite; found {int((~finite).sum())} non-finite "
+            f"value(s), the first at row {row}, column {col}: {x[row, col]!r}."
+        )
+    return x
+
+
+def _check_labels(
+    labels: np.ndarray, name: str, num_examples: int, num_classes: int | None
+) -> np.ndarray:
+    """Returns ``labels`` as int32 ``[N]`` in ``[0, num_classes)`` or raises."""
+    y = np.asarray(labels)
+    if y.dtype == np.bool_ or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{name} must be an integer array; got dtype {y.dtype}.")
+    if y.ndim != 1:
+        raise ValueError(f"{name} must have shape [N] (rank 1); got {y.shape}.")
+    if y.shape[0] != num_examples:
+        raise ValueError(
+            f"{name} has {y.shape[0]} entries but the features have "
+            f"{num_examples} rows; they must match."
+        )
+    if y.size and y.min() < 0:
+        raise ValueError(f"{name} must be >= 0; got minimum {int(y.min())}.")
+    if num_classes is not None and y.size and y.max() >= num_classes:
+        raise ValueError(
+            f"{name} must be in [0, {num_classes}) for num_classes={num_classes};"
+            f" got maximum {int(y.max())}."
+        )
+    return y.astype(np.int32)
+
+
+def _check_num_classes(num_classes: int | None) -> int | None:
+    """``None`` or an int ``>= 2``."""
+    if num_classes is None:
+        return None
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
+        raise ValueError(f"num_classes must be an int or None; got {num_classes!r}.")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2; got {num_classes}.")
+    return int(num_classes)
+
+
+def _infer_num_classes(*label_arrays: np.ndarray) -> int:
+    """``1 + max label`` over the (validated) label arrays; must be >= 2."""
+    num_classes = 1 + max(int(np.max(y)) for y in label_arrays)
+    if num_classes < 2:
+        raise ValueError(
+            "labels contain only class 0; pass num_classes >= 2 explicitly."
+        )
+    return num_classes
+
+
+def _check_l2(l2: float) -> float:
+    try:
+        value = float(l2)
+    except (TypeError, ValueError):
+        raise ValueError(f"l2 must be a finite float >= 0; got {l2!r}.") from None
+    if not (np.isfinite(value) and value >= 0):
+        raise ValueError(f"l2 must be a finite float >= 0; got {l2!r}.")
+    return value
+
+
+def _check_dtype(dtype: tf.DType) -> tf.DType:
+    dtype = tf.as_dtype(dtype)
+    if dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be tf.float32 or tf.float64; got {dtype.name}.")
+    return dtype
+
+
+# --------------------------------------------------------------------------
+# Objective and compiled solver.
+# --------------------------------------------------------------------------
+
+
+def _value_and_gradient(
+    position: tf.Tensor, features: tf.Tensor, labels: tf.Tensor, l2: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """``J`` and ``dJ/dTheta`` at the flat ``position`` (see module docstring).
+
+    Shapes: position ``[(D+1) C]``, features ``[N, D]``, labels ``[N]`` int32,
+    l2 ``[]``. Returns a scalar and a ``[(D+1) C]`` vector.
+    """
+    dtype = features.dtype
+    num_examples = tf.cast(tf.shape(features)[0], dtype)
+    theta = tf.reshape(position, [tf.shape(features)[1] + 1, -1])  # [D+1, C]
+    weights, bias = theta[:-1], theta[-1]  # [D, C], [C]
+    logits = tf.matmul(features, weights) + bias  # Z: [N, C]
+    log_probs = tf.nn.log_softmax(logits)  # log P: [N, C], stable
+    # CE_i = -log P[i, y_i].
+    nll = -tf.gather(log_probs, labels[:, None], axis=1, batch_dims=1)  # [N, 1]
+    value = tf.reduce_sum(nll) / num_examples + 0.5 * l2 * tf.reduce_sum(
+        tf.square(weights)
+    )
+    # R = dJ/dZ = (P - Y) / N.
+    onehot = tf.one_hot(labels, tf.shape(theta)[1], dtype=dtype)  # Y: [N, C]
+    residual = (tf.exp(log_probs) - onehot) / num_examples  # R: [N, C]
+    grad_weights = tf.matmul(features, residual, transpose_a=True) + l2 * weights
+    grad_bias = tf.reduce_sum(residual, axis=0, keepdims=True)  # 1^T R: [1, C]
+    gradient = tf.concat([grad_weights, grad_bias], axis=0)  # [D+1, C]
+    return value, tf.reshape(gradient, [-1])
+
+
+def _signature(dtype: tf.DType) -> list[tf.TensorSpec]:
+    return [
+        tf.TensorSpec([None, None], dtype, name="features"),  # [N, D]
+        tf.TensorSpec([None], tf.int32, name="labels"),  # [N]
+        tf.TensorSpec([], dtype, name="l2"),
+        tf.TensorSpec([None], dtype, name="position"),  # [(D+1) C]
+    ]
+
+
+@functools.cache
+def _compiled_objective(dtype: tf.DType):
+    """``tf.function`` of ``_value_and_gradient``, one trace per dtype."""
+
+    @tf.function(input_signature=_signature(dtype))
+    def objective(features, labels, l2, position):
+        return _value_and_gradient(position, features, labels, l2)
+
+    return objective
+
+
+@functools.cache
+def _compiled_solver(dtype: tf.DType):
+    """``tf.function`` running ``tfp.optimizer.lbfgs_minimize``; one trace per dtype.
+
+    Everything that varies between calls (data, l2, start, tolerance, iteration
+    cap) is a tensor argument with an unknown shape, so sweeps never retrace.
+    """
+    signature = _signature(dtype) + [
+        tf.TensorSpec([], dtype, name="tolerance"),
+        tf.TensorSpec([], tf.int32, name="max_iterations"),
+    ]
+
+    @tf.function(input_signature=signature)
+    def solve(features, labels, l2, position, tolerance, max_iterations):
+        result = tfp.optimizer.lbfgs_minimize(
+            lambda p: _value_and_gradient(p, features, labels, l2),
+            initial_position=position,
+            num_correction_pairs=_NUM_CORRECTION_PAIRS,
+            tolerance=tolerance,
+            max_iterations=max_iterations,
+            max_line_search_iterations=_MAX_LINE_SEARCH_ITERATIONS,
+        )
+        return {
+            "position": result.position,
+            "loss": result.objective_value,
+            "gradient_max": tf.reduce_max(tf.abs(result.objective_gradient)),
+            "iterations": result.num_iterations,
+            "function_evaluations": result.num_objective_evaluations,
+            "converged": result.converged,
+            "failed": result.failed,
+        }
+
+    return solve
+
+
+def _pack(params: ProbeParams, np_dtype: np.dtype) -> np.ndarray:
+    """``[W; b]`` flattened row-major: ``[(D+1) C]``."""
+    return (
+        np.concatenate([params.weights, params.bias[None, :]], axis=0)
+        .astype(np_dtype)
+        .ravel()
+    )
+
+
+def _solve(
+    features: tf.Tensor,
+    labels: tf.Tensor,
+    *,
+    num_classes: int,
+    l2: float,
+    max_iterations: int,
+    tolerance: float,
+    initial: ProbeParams | None,
+) -> ProbeFit:
+    """Runs the compiled solver on already validated, converted tensors."""
+    dtype = features.dtype
+    np_dtype = dtype.as_numpy_dtype
+    num_features = int(features.shape[1])
+    if initial is None:
+        position = np.zeros([(num_features + 1) * num_classes], np_dtype)
+    else:
+        position = _pack(initial, np_dtype)
+    start = time.perf_counter()
+    out = _compiled_solver(dtype)(
+        features,
+        labels,
+        tf.constant(l2, dtype),
+        tf.constant(position),
+        tf.constant(tolerance, dtype),
+        tf.constant(max_iterations, tf.int32),
+    )
+    theta = out["position"].numpy().reshape(num_features + 1, num_classes)
+    seconds = time.perf_counter() - start
+    bias = theta[-1]
+    return ProbeFit(
+        weights=theta[:-1],
+        # Centre the bias: J is flat along b -> b + c 1 (module docstring).
+        bias=bias - bias.mean(),
+        l2=l2,
+        loss=float(out["loss"]),
+        gradient_max=float(out["gradient_max"]),
+        iterations=int(out["iterations"]),
+        function_evaluations=int(out["function_evaluations"]),
+        converged=bool(out["converged"]),
+        failed=bool(out["failed"]),
+        seconds=seconds,
+    )
+
+
+def _top1(params: ProbeParams, features: tf.Tensor, labels: np.ndarray) -> float:
+    """Top-1 accuracy on already validated tensors (no re-checking of [N, D])."""
+    logits = tf.matmul(features, tf.constant(params.weights, features.dtype))
+    logits += tf.constant(params.bias, features.dtype)  # [N, C]
+    return float(np.mean(np.argmax(logits.numpy(), axis=1) == labels))
+
+
+def _check_solver_args(max_iterations: int, tolerance: float) -> None:
+    if isinstance(max_iterations, bool) or not isinstance(
+        max_iterations, int | np.integer
+    ):
+        raise ValueError(f"max_iterations must be an int; got {max_iterations!r}.")
+    if not 1 <= max_iterations < 2**31:
+        raise ValueError(f"max_iterations must be >= 1; got {max_iterations}.")
+    if not (np.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"tolerance must be a finite float > 0; got {tolerance!r}.")
+
+
+def _check_initial(
+    initial: ProbeParams | None, num_features: int, num_classes: int
+) -> None:
+    if initial is None:
+        return
+    if not isinstance(initial, ProbeParams):
+        raise ValueError(
+            f"initial must be a ProbeParams/ProbeFit or None; got {type(initial)}."
+        )
+    w_shape, b_shape = np.shape(initial.weights), np.shape(initial.bias)
+    if w_shape != (num_features, num_classes) or b_shape != (num_classes,):
+        raise ValueError(
+            f"initial has weights {w_shape} and bias {b_shape}; expected "
+            f"({num_features}, {num_classes}) and ({num_classes},)."
+        )
+    if not (np.isfinite(initial.weights).all() and np.isfinite(initial.bias).all()):
+        raise ValueError("initial weights and bias must be finite.")
+
+
+# --------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------
+
+
+def objective_and_gradient(
+    params: ProbeParams,
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    l2: float,
+    dtype: tf.DType = tf.float64,
+) -> tuple[float, ProbeParams]:
+    """Evaluates ``J`` and its gradient at ``params`` (the solver's own code).
+
+    Args:
+        params: ``weights [D, C]``, ``bias [C]``.
+        features: ``[N, D]`` real, finite.
+        labels: ``[N]`` integers in ``[0, C)``.
+        l2: penalty strength ``>= 0``.
+        dtype: computation dtype (tf.float32 or tf.float64).
+
+    Returns:
+        ``(J, grad)`` where ``grad.weights = X^T R + l2 W`` ``[D, C]`` and
+        ``grad.bias = 1^T R`` ``[C]``, ``R = (softmax(Z) - Y) / N``.
+
+    Raises:
+        ValueError: on malformed or mismatched inputs.
+    """
+    dtype = _check_dtype(dtype)
+    l2 = _check_l2(l2)
+    x = _check_features(features, "features")
+    _check_initial(params, x.shape[1], params.num_classes)
+    y = _check_labels(labels, "labels", x.shape[0], params.num_classes)
+    value, gradient = _compiled_objective(dtype)(
+        tf.constant(x, dtype),
+        tf.constant(y),
+        tf.constant(l2, dtype),
+        tf.constant(_pack(params, dtype.as_numpy_dtype)),
+    )
+    theta = gradient.numpy().reshape(x.shape[1] + 1, params.num_classes)
+    return float(value), ProbeParams(weights=theta[:-1], bias=theta[-1])
+
+
+def fit_logistic_regression(
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    num_classes: int | None = None,
+    l2: float,
+    max_iterations: int = 1000,
+    tolerance: float = 1e-6,
+    initial: ProbeParams | None = None,
+    dtype: tf.DType = tf.float64,
+) -> ProbeFit:
+    """Minimises ``J(W, b)`` (module docstring) with TFP L-BFGS on all rows.
+
+    Args:
+        features: ``[N, D]`` real, finite training features.
+        labels: ``[N]`` integer labels in ``[0, num_classes)``.
+        num_classes: C; defaults to ``1 + max(labels)``.
+        l2: penalty strength ``>= 0`` (``= 1 / (C_sklearn * N)``). With
+            ``l2 = 0`` and separable data there is no minimiser and the solver
+            runs until ``max_iterations``.
+        max_iterations: cap on L-BFGS iterations.
+        tolerance: stop when ``max |dJ/dTheta| <= tolerance``. J is a mean, so
+            this does not depend on N; 1e-6 suits float64, use ~1e-4 in float32.
+        initial: start point (warm start); default all zeros (``J = log C``).
+        dtype: tf.float64 (default) or tf.float32 for the solver state and the
+            copy of the features it works on.
+
+    Returns:
+        A ``ProbeFit``; check ``converged``/``failed``.
+
+    Raises:
+        ValueError: on malformed inputs (rank, N mismatch, non-integer or
+            out-of-range labels, non-finite features, bad l2/tolerance/
+            max_iterations/dtype, initial of the wrong shape).
+    """
+    dtype = _check_dtype(dtype)
+    l2 = _check_l2(l2)
+    _check_solver_args(max_iterations, tolerance)
+    num_classes = _check_num_classes(num_classes)
+    x = _check_features(features, "features")
+    y = _check_labels(labels, "labels", x.shape[0], num_classes)
+    num_classes = num_classes or _infer_num_classes(y)
+    _check_initial(initial, x.shape[1], num_classes)
+    return _solve(
+        tf.constant(x, dtype),
+        tf.constant(y),
+        num_classes=num_classes,
+        l2=l2,
+        max_iterations=int(max_iterations),
+        tolerance=float(tolerance),
+        initial=initial,
+    )
+
+
+def predict_logits(params: ProbeParams, features: np.ndarray) -> np.ndarray:
+    """Returns ``features @ weights + bias``, ``[N, C]``, in the weights' dtype.
+
+    Raises:
+        ValueError: if ``features`` is not finite ``[N, D]`` with the params' D.
+    """
+    x = _check_features(features, "features", num_features=params.num_features)
+    weights = tf.constant(params.weights)
+    logits = tf.matmul(tf.cast(x, weights.dtype), weights) + tf.cast(
+        params.bias, weights.dtype
+    )
+    return logits.numpy()
+
+
+def accuracy(params: ProbeParams, features: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in ``[0, 1]``: mean of ``argmax_c logits == label``.
+
+    Raises:
+        ValueError: on malformed features or labels outside ``[0, C)``.
+    """
+    logits = predict_logits(params, features)
+    y = _check_labels(labels, "labels", logits.shape[0], params.num_classes)
+    return float(np.mean(np.argmax(logits, axis=1) == y))
+
+
+def sweep_l2(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    *,
+    l2_grid: Sequence[float],
+    num_classes: int | None = None,
+    warm_start: bool = True,
+    standardize: bool = True,
+    max_iterations: int = 1000,
+    tolerance: float = 1e-6,
+    dtype: tf.DType = tf.float64,
+) -> SweepResult:
+    """Fits one probe per ``l2`` and keeps the best on the validation split.
+
+    The grid is visited from the largest penalty to the smallest: strongly
+    regularised problems are well conditioned and solve in few iterations,
+    and each solution is a close start for the next, slightly weaker penalty
+    (the continuation used for regularisation paths, e.g. glmnet). The
+    minimiser is unique (module docstring), so a warm-started fit converges to
+    the same solution as a cold one, only faster.
+
+    Args:
+        train_x: ``[N, D]`` training features.
+        train_y: ``[N]`` training labels.
+        val_x: ``[M, D]`` validation features (model selection only).
+        val_y: ``[M]`` validation labels.
+        l2_grid: penalty strengths ``>= 0``; duplicates are dropped.
+        num_classes: C; defaults to ``1 + max`` over train and val labels.
+        warm_start: start each fit from the previous solution.
+        standardize: fit a ``Standardizer`` on ``train_x`` and apply it to both
+            splits (see ``Standardizer`` for why this is the default).
+        max_iterations: per-fit L-BFGS iteration cap.
+        tolerance: per-fit gradient sup-norm tolerance.
+        dtype: solver dtype.
+
+    Returns:
+        ``SweepResult``: the fit with the highest validation top-1 (ties go to
+        the larger l2, the simpler model), the per-l2 table in visiting order
+        and the standardizer (None if ``standardize`` is False). Score the
+        test split with ``result.accuracy(test_x, test_y)``.
+
+    Raises:
+        ValueError: on an empty grid, a negative or non-finite l2, or any input
+            error of ``fit_logistic_regression``; also if train and val differ
+            in D.
+    """
+    dtype = _check_dtype(dtype)
+    _check_solver_args(max_iterations, tolerance)
+    if isinstance(l2_grid, str | bytes) or len(l2_grid) == 0:
+        raise ValueError(
+            f"l2_grid must be a non-empty sequence of floats; got {l2_grid!r}."
+        )
+    grid = sorted({_check_l2(v) for v in l2_grid}, reverse=True)
+
+    num_classes = _check_num_classes(num_classes)
+    train_x = _check_features(train_x, "train_x")
+    val_x = _check_features(val_x, "val_x", num_features=train_x.shape[1])
+    train_y = _check_labels(train_y, "train_y", train_x.shape[0], num_classes)
+    val_y = _check_labels(val_y, "val_y", val_x.shape[0], num_classes)
+    num_classes = num_classes or _infer_num_classes(train_y, val_y)
+
+    standardizer = Standardizer.fit(train_x) if standardize else None
+    if standardizer is not None:
+        train_x, val_x = standardizer.apply(train_x), standardizer.apply(val_x)
+    # Converted once (one [N, D] copy in the solver dtype); every fit and every
+    # scoring pass of the sweep reuses these tensors.
+    train_x_t, train_y_t = tf.constant(train_x, dtype), tf.constant(train_y)
+    val_x_t = tf.constant(val_x, dtype)
+
+    table: list[SweepPoint] = []
+    best: ProbeFit | None = None
+    best_val = -1.0
+    previous: ProbeFit | None = None
+    for l2 in grid:
+        fit = _solve(
+            train_x_t,
+            train_y_t,
+            num_classes=num_classes,
+            l2=l2,
+            max_iterations=int(max_iterations),
+            tolerance=float(tolerance),
+            initial=previous if warm_start else None,
+        )
+        val_top1 = _top1(fit, val_x_t, val_y)
+        table.append(
+            SweepPoint(
+                l2=l2,
+                train_top1=_top1(fit, train_x_t, train_y),
+                val_top1=val_top1,
+                loss=fit.loss,
+                iterations=fit.iterations,
+                converged=fit.converged,
+                failed=fit.failed,
+                seconds=fit.seconds,
+            )
+        )
+        # Strict ">": the grid is descending, so ties keep the larger l2.
+        if val_top1 > best_val:
+            best, best_val = fit, val_top1
+        previous = fit
+    return SweepResult(best=best, table=table, standardizer=standardizer)

@@ -1,0 +1,297 @@
+"""Tests for revisit_tf.probe.lbfgs: the L-BFGS logistic-regression probe.
+
+Reference values come from outside the code under test: scikit-learn's
+LogisticRegression and StandardScaler on the same arrays, a NumPy re-derivation
+of the objective, central finite differences, and data whose accuracy is known
+by construction (well-separated classes).
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from revisit_tf.probe import lbfgs
+
+
+def _gaussian_classes(rng, num_examples, num_features, num_classes, spread):
+    """Class c has mean spread * mu_c (mu_c ~ N(0, I)) and unit covariance."""
+    centers = spread * np.random.default_rng(1234).normal(
+        size=(num_classes, num_features)
+    )
+    labels = rng.integers(0, num_classes, size=num_examples)
+    features = centers[labels] + rng.normal(size=(num_examples, num_features))
+    return features, labels
+
+
+def _numpy_objective(weights, bias, features, labels, l2):
+    """J = mean_i -log softmax(x_i W + b)[y_i] + l2/2 ||W||^2, written in NumPy."""
+    logits = features @ weights + bias
+    logits = logits - logits.max(axis=1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    nll = -log_probs[np.arange(len(labels)), labels]
+    return nll.mean() + 0.5 * l2 * np.sum(weights**2)
+
+
+def test_separable_classes_are_classified_perfectly():
+    rng = np.random.default_rng(0)
+    # 3 classes in 5-D, means 10 apart along separate axes, noise std 0.5:
+    # the classes are separable by a margin of many standard deviations.
+    centers = 10.0 * np.eye(3, 5)
+
+    def sample(n):
+        y = rng.integers(0, 3, size=n)
+        return centers[y] + 0.5 * rng.normal(size=(n, 5)), y
+
+    train_x, train_y = sample(150)
+    test_x, test_y = sample(150)
+    fit = lbfgs.fit_logistic_regression(train_x, train_y, l2=1e-3)
+    assert fit.converged
+    assert not fit.failed
+    assert fit.weights.shape == (5, 3) and fit.bias.shape == (3,)
+    assert lbfgs.accuracy(fit, train_x, train_y) == 1.0
+    assert lbfgs.accuracy(fit, test_x, test_y) == 1.0
+
+
+def test_matches_scikit_learn_multinomial_logistic_regression():
+    rng = np.random.default_rng(1)
+    n, l2 = 2000, 1e-3
+    x, y = _gaussian_classes(rng, n + 1000, 64, 10, spread=0.35)
+    train_x, train_y, test_x, test_y = x[:n], y[:n], x[n:], y[n:]
+
+    fit = lbfgs.fit_logistic_regression(train_x, train_y, l2=l2)
+    assert fit.converged and not fit.failed
+    # sklearn minimises sum_i CE_i + ||W||^2 / (2C) = N * J  when C = 1/(l2 N).
+    # sklearn >= 1.8 fits the multinomial model for > 2 classes and an l2
+    # penalty by default (l1_ratio=0); `penalty=` is deprecated in 1.9.
+    # One OpenMP thread: sklearn's loss kernels otherwise spin against
+    # TensorFlow's thread pools on a 2-core machine (100x slower).
+    with threadpool_limits(limits=1):
+        sk = LogisticRegression(
+            C=1.0 / (l2 * n), solver="lbfgs", max_iter=5000, tol=1e-10
+        ).fit(train_x, train_y)
+    assert sk.coef_.shape == (10, 64)  # one row per class: multinomial
+
+    ours = _numpy_objective(fit.weights, fit.bias, train_x, train_y, l2)
+    theirs = _numpy_objective(sk.coef_.T, sk.intercept_, train_x, train_y, l2)
+    assert ours == pytest.approx(theirs, rel=1e-4)
+    assert fit.loss == pytest.approx(ours, rel=1e-10)  # reported J is J
+
+    for features, labels in ((train_x, train_y), (test_x, test_y)):
+        ours_acc = lbfgs.accuracy(fit, features, labels)
+        sk_acc = sk.score(features, labels)
+        assert abs(ours_acc - sk_acc) <= 0.005
+    # Same minimiser; the bias is only defined up to a constant shift.
+    np.testing.assert_allclose(fit.weights, sk.coef_.T, atol=2e-3)
+    np.testing.assert_allclose(
+        fit.bias, sk.intercept_ - sk.intercept_.mean(), atol=2e-3
+    )
+    assert abs(fit.bias.sum()) < 1e-10
+    logits = lbfgs.predict_logits(fit, test_x)
+    np.testing.assert_allclose(logits, test_x @ fit.weights + fit.bias, atol=1e-12)
+
+
+def test_objective_and_gradient_match_numpy_and_finite_differences():
+    rng = np.random.default_rng(2)
+    x, y = _gaussian_classes(rng, 30, 4, 3, spread=1.0)
+    params = lbfgs.ProbeParams(rng.normal(size=(4, 3)), rng.normal(size=3))
+    l2 = 0.3
+
+    value, grad = lbfgs.objective_and_gradient(params, x, y, l2=l2)
+    assert value == pytest.approx(
+        _numpy_objective(params.weights, params.bias, x, y, l2), rel=1e-12
+    )
+
+    def numeric_grad(array, objective):
+        grad = np.zeros_like(array)
+        for index in np.ndindex(array.shape):
+            step = np.zeros_like(array)
+            step[index] = 1e-6
+            grad[index] = (objective(array + step) - objective(array - step)) / 2e-6
+        return grad
+
+    grad_w = numeric_grad(
+        params.weights, lambda w: _numpy_objective(w, params.bias, x, y, l2)
+    )
+    grad_b = numeric_grad(
+        params.bias, lambda b: _numpy_objective(params.weights, b, x, y, l2)
+    )
+    np.testing.assert_allclose(grad.weights, grad_w, atol=1e-8)
+    np.testing.assert_allclose(grad.bias, grad_b, atol=1e-8)
+    assert abs(grad.bias.sum()) < 1e-12  # softmax is shift-invariant in b
+
+
+def test_warm_start_needs_fewer_iterations_and_reaches_same_solution():
+    rng = np.random.default_rng(3)
+    x, y = _gaussian_classes(rng, 1000, 32, 5, spread=0.4)
+    first = lbfgs.fit_logistic_regression(x, y, l2=1e-2, tolerance=1e-8)
+    cold = lbfgs.fit_logistic_regression(x, y, l2=0.9e-2, tolerance=1e-8)
+    warm = lbfgs.fit_logistic_regression(x, y, l2=0.9e-2, tolerance=1e-8, initial=first)
+    assert cold.converged and warm.converged
+    assert warm.iterations < cold.iterations
+    np.testing.assert_allclose(warm.weights, cold.weights, atol=1e-5)
+    np.testing.assert_allclose(warm.bias, cold.bias, atol=1e-5)
+
+
+def test_one_trace_per_dtype_across_shapes_and_l2():
+    rng = np.random.default_rng(4)
+    x1, y1 = _gaussian_classes(rng, 50, 3, 3, spread=1.0)
+    x2, y2 = _gaussian_classes(rng, 70, 6, 4, spread=1.0)
+    solver = lbfgs._compiled_solver(tf.float64)
+    lbfgs.fit_logistic_regression(x1, y1, l2=0.1)
+    traces = solver.experimental_get_tracing_count()
+    lbfgs.fit_logistic_regression(x2, y2, l2=0.01, max_iterations=20)
+    lbfgs.fit_logistic_regression(x1, y1, l2=0.5, tolerance=1e-3)
+    assert solver.experimental_get_tracing_count() == traces == 1
+
+
+def test_float32_solution_matches_float64():
+    rng = np.random.default_rng(5)
+    x, y = _gaussian_classes(rng, 500, 16, 4, spread=0.5)
+    fit64 = lbfgs.fit_logistic_regression(x, y, l2=1e-2)
+    fit32 = lbfgs.fit_logistic_regression(
+        x.astype(np.float32), y, l2=1e-2, dtype=tf.float32, tolerance=1e-4
+    )
+    assert fit32.weights.dtype == np.float32
+    assert fit32.converged and not fit32.failed
+    assert fit32.loss == pytest.approx(fit64.loss, rel=1e-4)
+
+
+def test_standardizer_matches_scikit_learn_and_keeps_constant_features():
+    rng = np.random.default_rng(6)
+    x = rng.normal(loc=3.0, scale=[1.0, 5.0, 0.1], size=(40, 3))
+    x = np.concatenate([x, np.full((40, 1), 7.0)], axis=1)  # constant column
+    ours = lbfgs.Standardizer.fit(x)
+    theirs = StandardScaler().fit(x)
+    np.testing.assert_allclose(ours.mean, theirs.mean_)
+    np.testing.assert_allclose(ours.scale, theirs.scale_)
+    assert ours.scale[3] == 1.0
+    new = rng.normal(size=(5, 4))
+    np.testing.assert_allclose(ours.apply(new), theirs.transform(new))
+    assert ours.apply(new.astype(np.float32)).dtype == np.float32
+
+
+def test_sweep_selects_best_validation_l2_and_returns_that_fit():
+    rng = np.random.default_rng(7)
+    # Few examples per parameter, so the penalty matters for validation.
+    x, y = _gaussian_classes(rng, 900, 40, 6, spread=0.3)
+    train_x, train_y = x[:300], y[:300]
+    val_x, val_y = x[300:600], y[300:600]
+    test_x, test_y = x[600:], y[600:]
+    grid = [1e-4, 1.0, 1e-2, 1e-1, 1e-3]
+    result = lbfgs.sweep_l2(
+        train_x, train_y, val_x, val_y, l2_grid=grid, tolerance=1e-8
+    )
+
+    # Independent reference: standardize with NumPy, cold-fit every l2.
+    mean, std = train_x.mean(axis=0), train_x.std(axis=0)
+    z_train, z_val, z_test = [(a - mean) / std for a in (train_x, val_x, test_x)]
+    direct = {
+        l2: lbfgs.fit_logistic_regression(z_train, train_y, l2=l2, tolerance=1e-8)
+        for l2 in grid
+    }
+    val_acc = {l2: lbfgs.accuracy(f, z_val, val_y) for l2, f in direct.items()}
+    best_acc = max(val_acc.values())
+    expected_l2 = max(l2 for l2, acc in val_acc.items() if acc == best_acc)
+    assert len(set(val_acc.values())) > 1  # the data make the choice matter
+
+    assert [p.l2 for p in result.table] == sorted(grid, reverse=True)
+    for point in result.table:
+        assert point.val_top1 == pytest.approx(val_acc[point.l2])
+        assert point.train_top1 == pytest.approx(
+            lbfgs.accuracy(direct[point.l2], z_train, train_y)
+        )
+    assert result.best_l2 == expected_l2
+    assert result.best_point.l2 == expected_l2
+    assert result.best_point.val_top1 == pytest.approx(best_acc)
+    np.testing.assert_allclose(
+        result.best.weights, direct[expected_l2].weights, atol=1e-5
+    )
+    np.testing.assert_allclose(result.best.bias, direct[expected_l2].bias, atol=1e-5)
+    assert result.accuracy(test_x, test_y) == pytest.approx(
+        lbfgs.accuracy(direct[expected_l2], z_test, test_y)
+    )
+
+
+def test_sweep_warm_start_saves_iterations_on_a_fine_grid():
+    rng = np.random.default_rng(10)
+    x, y = _gaussian_classes(rng, 1200, 32, 5, spread=0.4)
+    grid = [1e-2 * 0.7**k for k in range(6)]
+    args = (x[:800], y[:800], x[800:], y[800:])
+    warm = lbfgs.sweep_l2(*args, l2_grid=grid, tolerance=1e-8)
+    cold = lbfgs.sweep_l2(*args, l2_grid=grid, tolerance=1e-8, warm_start=False)
+    # The first (largest) l2 starts from zeros in both sweeps.
+    assert warm.table[0].iterations == cold.table[0].iterations
+    warm_rest = sum(p.iterations for p in warm.table[1:])
+    cold_rest = sum(p.iterations for p in cold.table[1:])
+    assert warm_rest < 0.9 * cold_rest
+    assert warm.best_l2 == cold.best_l2
+
+
+def test_sweep_breaks_ties_towards_larger_l2():
+    rng = np.random.default_rng(8)
+    centers = 10.0 * np.eye(3, 4)
+    y = rng.integers(0, 3, size=120)
+    x = centers[y] + 0.3 * rng.normal(size=(120, 4))
+    # Separable: every l2 in the grid gives 100% validation accuracy.
+    result = lbfgs.sweep_l2(
+        x[:60], y[:60], x[60:], y[60:], l2_grid=[1e-3, 1e-1, 1e-2], standardize=False
+    )
+    assert [p.val_top1 for p in result.table] == [1.0, 1.0, 1.0]
+    assert result.best_l2 == 1e-1
+    assert result.standardizer is None
+
+
+_X = np.random.default_rng(9).normal(size=(6, 3))
+_Y = np.array([0, 1, 2, 0, 1, 2])
+
+
+@pytest.mark.parametrize(
+    "features, labels, kwargs, message",
+    [
+        (_X[:, 0], _Y, {}, r"features must have shape \[N, D\]"),
+        (_X, _Y[:5], {}, "labels has 5 entries but the features have 6 rows"),
+        (_X, _Y.astype(float), {}, "labels must be an integer array"),
+        (_X, _Y - 1, {}, "labels must be >= 0"),
+        (_X, _Y, {"num_classes": 2}, r"labels must be in \[0, 2\)"),
+        (_X, np.zeros(6, int), {}, "only class 0"),
+        (np.where(_X > 1, np.nan, _X), _Y, {}, "features must be finite"),
+        (_X, _Y, {"l2": -1.0}, "l2 must be a finite float >= 0"),
+        (_X, _Y, {"tolerance": 0.0}, "tolerance must be"),
+        (_X, _Y, {"max_iterations": 0}, "max_iterations must be >= 1"),
+        (_X, _Y, {"dtype": tf.float16}, "dtype must be tf.float32 or tf.float64"),
+        (
+            _X,
+            _Y,
+            {"initial": lbfgs.ProbeParams(np.zeros((2, 3)), np.zeros(3))},
+            r"expected \(3, 3\) and \(3,\)",
+        ),
+    ],
+)
+def test_fit_rejects_bad_input(features, labels, kwargs, message):
+    kwargs = {"l2": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        lbfgs.fit_logistic_regression(features, labels, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"l2_grid": []}, "l2_grid must be a non-empty sequence"),
+        ({"l2_grid": [0.1, -0.5]}, "l2 must be a finite float >= 0; got -0.5"),
+        ({"l2_grid": [0.1], "val_x": _X[:, :2]}, "val_x has 2 features per row"),
+        ({"l2_grid": [0.1], "val_y": _Y + 3, "num_classes": 3}, "val_y must be in"),
+    ],
+)
+def test_sweep_rejects_bad_input(kwargs, message):
+    args = {"train_x": _X, "train_y": _Y, "val_x": _X, "val_y": _Y, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        lbfgs.sweep_l2(**args)
+
+
+def test_predict_rejects_wrong_feature_dimension():
+    params = lbfgs.ProbeParams(np.zeros((3, 2)), np.zeros(2))
+    with pytest.raises(ValueError, match="has 4 features per row; expected 3"):
+        lbfgs.predict_logits(params, np.zeros((2, 4)))

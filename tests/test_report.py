@@ -1,0 +1,199 @@
+"""Tests for revisit_tf.report: JSON-lines results and markdown tables."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from revisit_tf.report import results, tables
+
+
+def _probe_row(**overrides):
+    row = {
+        "model": "rotation",
+        "endpoint": "pre_logits",
+        "l2": 1e-4,
+        "n_train": 1000,
+        "n_val": 200,
+        "n_test": 500,
+        "iterations": 87,
+        "converged": True,
+        "train_top1": 0.91234,
+        "val_top1": 0.5,
+        "test_top1": 0.53749,
+        "seconds": 12.345,
+    }
+    row.update(overrides)
+    return row
+
+
+def test_append_and_read_round_trip_with_numpy_values(tmp_path):
+    path = tmp_path / "new" / "dir" / "results.jsonl"  # parents are created
+    first = {
+        "model": "rotation",
+        "l2": np.float32(0.25),
+        "iterations": np.int64(7),
+        "converged": np.bool_(True),
+        "weights_norm": np.array([1.5, 2.0]),
+        "note": None,
+    }
+    second = {"model": "raw pixels", "test_top1": 0.125}
+    results.append_result(str(path), first)
+    results.append_result(path, second)
+
+    text = path.read_text()
+    assert text.count("\n") == 2 and text.endswith("\n")
+    # Each line is standalone JSON; the numpy values became plain JSON values.
+    assert json.loads(text.splitlines()[0]) == {
+        "model": "rotation",
+        "l2": 0.25,
+        "iterations": 7,
+        "converged": True,
+        "weights_norm": [1.5, 2.0],
+        "note": None,
+    }
+    assert results.read_results([str(path)]) == [
+        json.loads(line) for line in text.splitlines()
+    ]
+    assert results.read_results([path])[1] == second
+
+
+def test_append_rejects_unserialisable_values(tmp_path):
+    path = tmp_path / "r.jsonl"
+    with pytest.raises(ValueError, match=r"row\['loss'\] is nan"):
+        results.append_result(path, {"loss": float("nan")})
+    with pytest.raises(ValueError, match=r"row\['fn'\] has type function"):
+        results.append_result(path, {"fn": lambda: 0})
+    with pytest.raises(ValueError, match="row must be a mapping"):
+        results.append_result(path, [1, 2])
+    assert not path.exists() or path.read_text() == ""
+
+
+def test_read_workdir_adds_workdir_and_keeps_order(tmp_path):
+    workdir = tmp_path / "run1"
+    other = tmp_path / "extra.jsonl"
+    results.append_result(results.results_path(workdir), {"a": 1})
+    results.append_result(results.results_path(workdir), {"a": 2, "workdir": "x"})
+    results.append_result(other, {"a": 3})
+    rows = results.read_results([workdir, other])
+    assert rows == [
+        {"a": 1, "workdir": str(workdir)},
+        {"a": 2, "workdir": "x"},
+        {"a": 3},
+    ]
+
+
+def test_read_rejects_paths_that_are_neither_file_nor_workdir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        results.read_results([tmp_path / "missing.jsonl"])
+    with pytest.raises(FileNotFoundError, match="directory without probe"):
+        results.read_results([tmp_path])
+    with pytest.raises(ValueError, match="sequence of paths"):
+        results.read_results(str(tmp_path))
+
+
+def test_malformed_line_error_names_file_and_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2,,}\n{"a": 3}\n')
+    with pytest.raises(ValueError, match=rf"{path}:3: malformed JSON line"):
+        results.read_results([path])
+    path.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: expected a JSON object"):
+        results.read_results([path])
+
+
+def test_torn_last_line_is_skipped_on_read_and_repaired_on_append(tmp_path, caplog):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2, "b"')  # crash in the middle of line 2
+    with caplog.at_level(logging.WARNING):
+        assert results.read_results([path]) == [{"a": 1}]
+    assert "torn last line" in caplog.text
+
+    results.append_result(path, {"a": 3})
+    assert path.read_text() == '{"a": 1}\n{"a": 3}\n'
+
+    # A complete last line that only lacks its newline is kept.
+    path.write_text('{"a": 1}\n{"a": 2}')
+    assert results.read_results([path]) == [{"a": 1}, {"a": 2}]
+    results.append_result(path, {"a": 3})
+    assert path.read_text() == '{"a": 1}\n{"a": 2}\n{"a": 3}\n'
+
+
+def test_markdown_table_formats_by_column_key():
+    rows = [
+        {"name": "a|b", "test_top1": 0.53749, "l2": 1e-4, "seconds": 2.26, "ok": True},
+        {"name": "c", "test_top1": np.float64(1.0), "l2": 0.0, "n": 3},
+    ]
+    columns = [
+        ("name", "name"),
+        ("test_top1", "top-1 (%)"),
+        ("l2", "l2"),
+        ("seconds", "s"),
+        ("ok", "ok"),
+        ("n", "n"),
+    ]
+    assert tables.markdown_table(rows, columns) == (
+        "| name | top-1 (%) | l2 | s | ok | n |\n"
+        "| --- | ---: | ---: | ---: | --- | ---: |\n"
+        "| a\\|b | 53.7 | 1.0e-04 | 2.3 | yes | - |\n"
+        "| c | 100.0 | 0 | - | - | 3 |\n"
+    )
+
+
+def test_markdown_table_rejects_percentages_and_bad_columns():
+    with pytest.raises(ValueError, match=r"test_top1 must be a fraction in \[0, 1\]"):
+        tables.markdown_table([{"test_top1": 53.7}], [("test_top1", "top-1")])
+    with pytest.raises(ValueError, match="at least one"):
+        tables.markdown_table([], [])
+    with pytest.raises(ValueError, match=r"\(key, header\) pair"):
+        tables.markdown_table([], [("only_key",)])
+
+
+def test_probe_table_header_and_known_row():
+    text = tables.probe_table([_probe_row()])
+    lines = text.splitlines()
+    assert lines[0] == (
+        "| model | endpoint | test top-1 (%) | val top-1 (%) | train top-1 (%) "
+        "| l2 | iters | converged | n train/val/test | seconds |"
+    )
+    assert lines[2] == (
+        "| rotation | pre_logits | 53.7 | 50.0 | 91.2 | 1.0e-04 | 87 | yes "
+        "| 1000/200/500 | 12.3 |"
+    )
+    assert len(lines) == 3
+
+
+def test_probe_table_dedupes_newest_and_orders_models_then_depth():
+    rows = [
+        _probe_row(model="rotation", endpoint="pre_logits", test_top1=0.10),
+        _probe_row(model="random init", endpoint="block4", test_top1=0.05),
+        _probe_row(model="rotation", endpoint="block3", test_top1=0.20),
+        _probe_row(model="rotation", endpoint="pre_logits", test_top1=0.30),  # newer
+        _probe_row(
+            model="raw pixels", endpoint="image", test_top1=0.04, published_top1=0.03
+        ),
+    ]
+    lines = tables.probe_table(rows).splitlines()
+    assert "published top-1 (%)" in lines[0]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [(c[0], c[1], c[2]) for c in cells] == [
+        ("rotation", "block3", "20.0"),
+        ("rotation", "pre_logits", "30.0"),
+        ("random init", "block4", "5.0"),
+        ("raw pixels", "image", "4.0"),
+    ]
+    assert cells[3][5] == "3.0" and cells[0][5] == "-"  # published column
+
+
+def test_probe_table_separates_workdirs_and_requires_keys():
+    rows = [_probe_row(workdir="w1"), _probe_row(workdir="w2", test_top1=0.6)]
+    lines = tables.probe_table(rows).splitlines()
+    assert lines[0].startswith("| model | endpoint | workdir | test top-1 (%)")
+    assert lines[2].startswith("| rotation | pre_logits | w1 | 53.7 |")
+    assert lines[3].startswith("| rotation | pre_logits | w2 | 60.0 |")
+
+    bad = _probe_row()
+    del bad["test_top1"]
+    with pytest.raises(ValueError, match=r"row 1 lacks \['test_top1'\]"):
+        tables.probe_table([_probe_row(), bad])
