@@ -1,0 +1,102 @@
+"""Checkpoints that survive preemption (stage 4, training).
+
+``tf.train.Checkpoint`` of the model and optimizer (whose ``iterations`` is the
+global step) under a ``CheckpointManager`` in ``<workdir>/checkpoints``. TF
+writes each checkpoint to temporary files and renames them, and updates the
+``checkpoint`` state file atomically, so a run killed at any moment leaves the
+previous checkpoints intact; the next run resumes from the newest one.
+
+Under ``MultiWorkerMirroredStrategy`` every worker must take part in saving;
+non-chief workers write to a private temporary directory that is deleted
+afterwards (the documented TF pattern).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import keras
+import tensorflow as tf
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be restored (corrupt or mismatched)."""
+
+
+class Checkpointer:
+    """Saves and restores ``model`` + ``optimizer`` in ``<workdir>/checkpoints``.
+
+    Example:
+      ckpt = Checkpointer(workdir, model=model, optimizer=optimizer)
+      start_step = ckpt.restore_latest()  # 0 for a fresh run
+      ...
+      ckpt.save(step)
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        model: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        max_to_keep: int = 3,
+        is_chief: bool = True,
+        worker_id: int = 0,
+    ):
+        if max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1; got {max_to_keep}.")
+        self.directory = os.path.join(workdir, "checkpoints")
+        self._is_chief = is_chief
+        self._optimizer = optimizer
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        save_dir = self.directory
+        if not is_chief:
+            save_dir = os.path.join(workdir, ".worker_tmp", f"worker_{worker_id}")
+        self._save_dir = save_dir
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, save_dir, max_to_keep=max_to_keep
+        )
+
+    @property
+    def latest(self) -> str | None:
+        """Path prefix of the newest checkpoint in the chief's directory."""
+        return tf.train.latest_checkpoint(self.directory)
+
+    def restore_latest(self) -> int:
+        """Restores the newest checkpoint, if any; returns the global step.
+
+        Raises:
+          CheckpointError: the newest checkpoint is unreadable (truncated or
+            corrupt files) or does not match the model/optimizer (another
+            architecture). The message names the checkpoint; nothing is
+            deleted, so the user can move it away and resume from an older one.
+        """
+        path = self.latest
+        if path is None:
+            logging.info("No checkpoint in %s: starting from scratch.", self.directory)
+            return 0
+        try:
+            status = self.checkpoint.restore(path)
+            status.assert_existing_objects_matched()
+        except Exception as e:  # noqa: BLE001 - TF raises OpError, IndexError, ...
+            raise CheckpointError(
+                f"Cannot restore checkpoint {path!r}: it is corrupt, truncated or "
+                f"was written by a different model/optimizer ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}). Move it (and its "
+                f"entry in {os.path.join(self.directory, 'checkpoint')}) away to "
+                "resume from an older checkpoint, or use a fresh workdir."
+            ) from e
+        step = int(self._optimizer.iterations.numpy())
+        logging.info("Restored %s (step %d).", path, step)
+        return step
+
+    def save(self, step: int) -> str | None:
+        """Writes a checkpoint for ``step``; returns its path on the chief."""
+        path = self.manager.save(checkpoint_number=step)
+        if not self._is_chief:
+            shutil.rmtree(self._save_dir, ignore_errors=True)
+            return None
+        logging.info("Saved checkpoint %s", path)
+        return path
