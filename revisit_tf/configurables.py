@@ -1,0 +1,42 @@
+"""The only library module that imports gin: registers roots and builders.
+
+Gin files bind the roots' arguments (``pretrain.*``, ``export_model.*``,
+``linear_probe.*``) and reference the registered builders by name
+(``pretrain.model_fn = @build_resnet``). Library code never sees gin.
+Every gin file starts with ``import revisit_tf.configurables`` so that it can
+be parsed on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+
+import gin
+
+from revisit_tf import experiments
+from revisit_tf.models import resnet
+from revisit_tf.train import losses
+
+pretrain = gin.register(experiments.pretrain, module="revisit_tf")
+export_model = gin.register(experiments.export_model, module="revisit_tf")
+linear_probe = gin.register(experiments.linear_probe, module="revisit_tf")
+
+gin.register(resnet.build_resnet, module="revisit_tf.models")
+gin.register(losses.softmax_xent, module="revisit_tf.train")
+
+
+def gin_search_paths() -> list[str]:
+    """Directories holding the shipped gin files, most specific first.
+
+    The source tree's ``gin/`` (editable installs, checkouts) and
+    ``<prefix>/share/revisit_tf/gin`` (wheel installs, see setup.cfg
+    data_files). Used so that ``--gin_file=demo/fashion_mnist_rotation.gin``
+    works from any working directory.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [
+        os.path.join(os.path.dirname(here), "gin"),
+        os.path.join(sysconfig.get_path("data"), "share", "revisit_tf", "gin"),
+    ]
+    return [p for p in candidates if os.path.isdir(p)]

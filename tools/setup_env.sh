@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs revisit_tf with its pinned stack and
+# test extras; installs Debian's dataset-fashion-mnist when its files are
+# missing. Idempotent: a second run only checks. Sourced by test.sh and demo.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "revisit_tf needs Python 3.11 (tensorflow 2.21 pins); $PYTHON is $("$PYTHON" -V 2>&1)." >&2
+  echo "Set PYTHON=/path/to/python3.11." >&2
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+echo "== installing revisit_tf and its pinned dependencies (constraints.txt)"
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade "pip>=24"
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+
+FMNIST=/usr/share/datasets/fashion-mnist
+if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
+  echo "== installing Debian's dataset-fashion-mnist"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  fi
+fi
