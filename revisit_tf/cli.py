@@ -24,9 +24,10 @@ from collections.abc import Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import gin  # noqa: E402
-
-from revisit_tf import configurables  # noqa: E402
-from revisit_tf import experiments  # noqa: E402
+from revisit_tf import (
+    configurables,  # noqa: E402
+    experiments,  # noqa: E402
+)
 
 CONFIG_NAME = "config.gin"
 OPERATIVE_CONFIG_NAME = "operative_config.gin"
@@ -47,9 +48,14 @@ def _parser(description: str) -> argparse.ArgumentParser:
         "--gin_bindings",
         action="append",
         default=[],
-        help="Gin binding (repeatable), e.g. \"pretrain.steps = 100\".",
+        help='Gin binding (repeatable), e.g. "pretrain.steps = 100".',
     )
     return parser
+
+
+def _drop_gin_path_probes(record: logging.LogRecord) -> bool:
+    """Gin logs every search-path probe (and misses as errors) on the root logger."""
+    return not record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
 
 
 def _setup_logging(workdir: str, name: str) -> None:
@@ -64,6 +70,7 @@ def _setup_logging(workdir: str, name: str) -> None:
         logging.FileHandler(os.path.join(workdir, f"{name}.log")),
     ):
         handler.setFormatter(fmt)
+        handler.addFilter(_drop_gin_path_probes)
         root.addHandler(handler)
     # absl/TF loggers otherwise duplicate lines through their own handlers.
     logging.getLogger("tensorflow").propagate = False
@@ -171,3 +178,23 @@ def report_main(argv: Sequence[str] | None = None) -> None:
     print(table)
     if args.output:
         _write_atomic(args.output, table + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m revisit_tf.cli {train,export,probe,report} ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        "train": train_main,
+        "export": export_main,
+        "probe": probe_main,
+        "report": report_main,
+    }
+    if not argv or argv[0] not in commands:
+        raise SystemExit(
+            f"usage: python -m revisit_tf.cli {{{','.join(commands)}}} ..."
+        )
+    commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

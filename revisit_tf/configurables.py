@@ -13,14 +13,17 @@ import os
 import sysconfig
 
 import gin
-
 from revisit_tf import experiments
 from revisit_tf.models import resnet
 from revisit_tf.train import losses
 
-pretrain = gin.register(experiments.pretrain, module="revisit_tf")
-export_model = gin.register(experiments.export_model, module="revisit_tf")
-linear_probe = gin.register(experiments.linear_probe, module="revisit_tf")
+# Roots: called by the binaries, so they need the configured (wrapped) function.
+pretrain = gin.external_configurable(experiments.pretrain, module="revisit_tf")
+export_model = gin.external_configurable(experiments.export_model, module="revisit_tf")
+linear_probe = gin.external_configurable(experiments.linear_probe, module="revisit_tf")
+
+# Builders: only ever referenced from gin (`@build_resnet`), so registering
+# them leaves the library functions themselves untouched.
 
 gin.register(resnet.build_resnet, module="revisit_tf.models")
 gin.register(losses.softmax_xent, module="revisit_tf.train")

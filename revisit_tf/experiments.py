@@ -294,7 +294,7 @@ def linear_probe(
     model_name: str | None = None,
     published_top1: float | None = None,
 ) -> list[dict]:
-    """Linear logistic-regression probe; appends rows to ``workdir/probe/results.jsonl``.
+    """Linear logistic-regression probe; rows go to ``workdir/probe/results.jsonl``.
 
     Features are computed once per split; the L2 penalty is chosen on
     ``val_split`` from ``l2_grid`` (warm-started path, largest first) and the
@@ -403,9 +403,7 @@ def linear_probe(
             row["converged"],
             row["seconds"],
         )
-        results_lib.append_result(
-            os.path.join(workdir, "probe", "results.jsonl"), row
-        )
+        results_lib.append_result(os.path.join(workdir, "probe", "results.jsonl"), row)
         rows.append(row)
     return rows
 
@@ -420,4 +418,3 @@ def _write_json_atomic(path: str, obj: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
-

@@ -46,9 +46,7 @@ def _model_and_optimizer(strategy, *, sync_batchnorm=True, weights=None):
 
 def _first_step(strategy, model, batch):
     """Global loss and summed gradients of one step, as the loop computes them."""
-    dist = strategy.experimental_distribute_dataset(
-        tf.data.Dataset.from_tensors(batch)
-    )
+    dist = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch))
 
     @tf.function
     def run(b):
@@ -77,12 +75,14 @@ _PARITY_SCRIPT = """
 import json, sys
 import keras, numpy as np, tensorflow as tf
 cpus = tf.config.list_physical_devices("CPU")
-tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+logical = [tf.config.LogicalDeviceConfiguration()] * 2
+tf.config.set_logical_device_configuration(cpus[0], logical)
 keras.config.set_floatx("float64")
 keras.config.set_dtype_policy("float64")
 sys.path.insert(0, sys.argv[1])
 import test_train_loop as t
-batch = {k: v.astype("float64") if v.dtype.kind == "f" else v for k, v in t._batch().items()}
+batch = {k: v.astype("float64") if v.dtype.kind == "f" else v
+         for k, v in t._batch().items()}
 single = tf.distribute.get_strategy()
 mirrored = t._two_cpus()
 out = {"replicas": mirrored.num_replicas_in_sync}

@@ -13,7 +13,10 @@ def test_reference_rotation_numbers():
     # 35 epochs, warm-up 5, decays at 15 and 25 epochs.
     per_epoch = optim.steps_per_epoch(1_231_121, 64)
     assert per_epoch == 19_236
-    assert optim.to_steps("t", epochs=35, num_examples=1_231_121, global_batch_size=64) == 673_260
+    assert (
+        optim.to_steps("t", epochs=35, num_examples=1_231_121, global_batch_size=64)
+        == 673_260
+    )
     s = optim.build_schedule(
         lr=0.1,
         global_batch_size=64,
@@ -47,7 +50,9 @@ def test_warmup_from_zero_reproduces_original():
     s = optim.WarmupPiecewiseConstant(1.0, warmup_steps=10, warmup_from_zero=True)
     assert float(s(0)) == 0.0  # reference 11.2 item 18
     assert float(s(5)) == pytest.approx(0.5)
-    assert float(optim.WarmupPiecewiseConstant(1.0, warmup_steps=10)(0)) == pytest.approx(0.1)
+    assert float(
+        optim.WarmupPiecewiseConstant(1.0, warmup_steps=10)(0)
+    ) == pytest.approx(0.1)
 
 
 def test_schedule_config_round_trip():

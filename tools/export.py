@@ -1,4 +1,4 @@
-"""`revisit-export` without installing the console script: python tools/export.py --help."""
+"""`revisit-export` without the console script: `python tools/export.py --help`."""
 
 from revisit_tf.cli import export_main
 

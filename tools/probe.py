@@ -1,4 +1,4 @@
-"""`revisit-probe` without installing the console script: python tools/probe.py --help."""
+"""`revisit-probe` without the console script: `python tools/probe.py --help`."""
 
 from revisit_tf.cli import probe_main
 

@@ -1,4 +1,4 @@
-"""`revisit-report` without installing the console script: python tools/report.py --help."""
+"""`revisit-report` without the console script: `python tools/report.py --help`."""
 
 from revisit_tf.cli import report_main
 

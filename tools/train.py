@@ -1,4 +1,4 @@
-"""`revisit-train` without installing the console script: python tools/train.py --help."""
+"""`revisit-train` without the console script: `python tools/train.py --help`."""
 
 from revisit_tf.cli import train_main
 

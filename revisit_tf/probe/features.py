@@ -72,8 +72,10 @@ class SavedModelFeatures:
             )
         self.endpoints = tuple(endpoints)
 
-    def extract(self, dataset: tf.data.Dataset) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Runs the model over ``dataset`` batches ``{"image": [B, H, W, C] in [0, 1], "label"}``.
+    def extract(
+        self, dataset: tf.data.Dataset
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Runs the model over batches ``{"image": [B, H, W, C] in [0, 1], "label"}``.
 
         Returns:
           ``({endpoint: float32 [N, D]}, int64 labels [N])``.
@@ -98,7 +100,9 @@ class PixelFeatures:
 
     endpoints = ("pixels",)
 
-    def extract(self, dataset: tf.data.Dataset) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def extract(
+        self, dataset: tf.data.Dataset
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Returns ``({"pixels": float32 [N, H*W*C]}, int64 labels [N])``."""
         chunks, labels = [], []
         for batch in dataset:

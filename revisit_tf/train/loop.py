@@ -198,7 +198,7 @@ def train(
         loss, task_loss, grads, correct = loss_and_gradients(
             model, loss_fn, batch, global_rows=global_rows
         )
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss, task_loss, correct
 
     def _reduce_sum(value):

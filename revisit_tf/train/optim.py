@@ -77,7 +77,7 @@ def to_steps(
             f"Give the {name} duration as exactly one of steps, epochs or "
             f"examples; got {given}."
         )
-    (unit, value), = given.items()
+    ((unit, value),) = given.items()
     if value < 0:
         raise ValueError(f"The {name} duration must be >= 0; got {unit}={value}.")
     if unit == "steps":

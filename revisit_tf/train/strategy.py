@@ -86,6 +86,8 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     ):
         return True
     task_type, task_id = resolver.task_type, resolver.task_id
-    return task_type is None or task_type == "chief" or (
-        task_type == "worker" and task_id == 0
+    return (
+        task_type is None
+        or task_type == "chief"
+        or (task_type == "worker" and task_id == 0)
     )

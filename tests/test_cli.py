@@ -1,0 +1,154 @@
+"""The binaries end to end on Fashion-MNIST with smoke.gin, and kill-and-resume."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import tensorflow as tf
+
+import gin
+from revisit_tf import cli, configurables
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = "demo/fashion_mnist_rotation.gin"
+
+
+def _gin_files():
+    return sorted(glob.glob(os.path.join(REPO, "gin", "**", "*.gin"), recursive=True))
+
+
+def test_gin_files_found_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert os.path.join(REPO, "gin") in configurables.gin_search_paths()
+    cli.parse_gin([DEMO, "smoke.gin"], [])
+    assert gin.query_parameter("pretrain.steps") == 4
+    with pytest.raises(FileNotFoundError, match="no_such.gin"):
+        cli.parse_gin(["no_such.gin"], [])
+
+
+@pytest.mark.parametrize("path", _gin_files(), ids=lambda p: os.path.relpath(p, REPO))
+def test_every_gin_file_parses_strictly(path):
+    with open(path) as f:
+        header = f.readline()
+    assert header.startswith("#"), f"{path} needs a header comment"
+    cli.parse_gin([path], [])  # skip_unknown=False inside
+    cli.parse_gin([path, "smoke.gin"], [])
+
+
+def test_misspelt_binding_fails_at_parse_time():
+    with pytest.raises(ValueError, match="pretrain"):
+        cli.parse_gin([DEMO], ["pretrain.global_batchsize = 3"])
+
+
+def test_smoke_run_train_export_probe_report(tmp_path, capsys):
+    workdir = str(tmp_path / "rotation")
+    cli.train_main(
+        ["--workdir", workdir, "--gin_file", DEMO, "--gin_file", "smoke.gin"]
+    )
+    ckpt = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    assert ckpt.endswith("ckpt-4")
+    for name in ("config.gin", "operative_config.gin", "train.log"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+    with open(os.path.join(workdir, "operative_config.gin")) as f:
+        assert "build_resnet.width = 0.25" in f.read()
+    with open(os.path.join(workdir, "train.log")) as f:
+        log = f.read()
+    assert "step 4/4" in log and "img/s" in log and "ETA" in log
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+    # Export and probe re-read workdir/config.gin.
+    cli.export_main(["--workdir", workdir])
+    assert tf.saved_model.contains_saved_model(os.path.join(workdir, "export"))
+    cli.probe_main(["--workdir", workdir])
+    with open(os.path.join(workdir, "probe", "results.jsonl")) as f:
+        (row,) = [json.loads(line) for line in f]
+    assert row["endpoint"] == "pre_logits" and row["model"] == "rotation"
+    assert (row["n_train"], row["n_val"], row["n_test"]) == (200, 100, 100)
+    assert 0.0 <= row["test_top1"] <= 1.0 and row["dim"] == 128
+
+    pixels = str(tmp_path / "pixels")
+    cli.probe_main(
+        [
+            "--workdir",
+            pixels,
+            "--gin_file",
+            DEMO,
+            "--gin_file",
+            "smoke.gin",
+            "--gin_bindings",
+            "linear_probe.features = 'pixels'",
+        ]
+    )
+    capsys.readouterr()
+    cli.report_main([workdir, pixels, "--output", str(tmp_path / "report.md")])
+    table = capsys.readouterr().out
+    assert "| rotation | pre_logits |" in table
+    assert "| pixels | pixels |" in table
+    with open(tmp_path / "report.md") as f:
+        assert f.read().strip() == table.strip()
+
+
+def _start_train(workdir, *bindings):
+    args = [sys.executable, "-m", "revisit_tf.cli", "train", "--workdir", workdir]
+    args += ["--gin_file", DEMO, "--gin_file", "smoke.gin"]
+    for b in bindings:
+        args += ["--gin_bindings", b]
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+    )
+
+
+def _wait_for_checkpoint(workdir, proc, min_step, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+        if path and int(path.rsplit("-", 1)[1]) >= min_step:
+            return int(path.rsplit("-", 1)[1])
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint >= {min_step} after {timeout}s")
+
+
+def test_kill_and_resume(tmp_path):
+    """SIGTERM saves and exits; SIGKILL loses at most one interval; both resume."""
+    workdir = str(tmp_path / "run")
+    total = 200
+    bindings = (
+        f"pretrain.steps = {total}",
+        "pretrain.steps_per_loop = 2",
+        "pretrain.checkpoint_every = 4",
+    )
+    # 1. Preemption: SIGTERM -> checkpoint at the end of the current loop, exit 0.
+    proc = _start_train(workdir, *bindings)
+    _wait_for_checkpoint(workdir, proc, 4)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Preempted at step" in out
+    preempted = int(out.split("Preempted at step ")[1].split(";")[0])
+    assert preempted < total
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    assert latest.endswith(f"ckpt-{preempted}")
+
+    # 2. A hard kill: the run resumes from the preempted step.
+    proc = _start_train(workdir, *bindings)
+    killed_after = _wait_for_checkpoint(workdir, proc, preempted + 8)
+    proc.kill()
+    out, _ = proc.communicate(timeout=60)
+    assert "Restored" in out and f"(step {preempted})" in out
+    assert killed_after < total, "the run finished before it could be killed"
+
+    # 3. The last run resumes from the newest checkpoint and ends at `total`.
+    proc = _start_train(workdir, *bindings)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    resumed = int(out.split("Restored ")[1].split("(step ")[1].split(")")[0])
+    assert resumed >= killed_after
+    assert f"step {total}/{total}" in out
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    assert latest.endswith(f"ckpt-{total}")
