@@ -16,6 +16,7 @@ needs the config only once.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -74,6 +75,20 @@ def _setup_logging(workdir: str, name: str) -> None:
         root.addHandler(handler)
     # absl/TF loggers otherwise duplicate lines through their own handlers.
     logging.getLogger("tensorflow").propagate = False
+
+
+def _worker_suffix() -> str:
+    """ "" for the chief; "-worker1" etc. for other multi-worker tasks.
+
+    Under MultiWorkerMirroredStrategy every worker runs the same command with
+    the same workdir; only the chief records configs, and each task logs to
+    its own file. The task comes from ``TF_CONFIG`` (read here, at the edge).
+    """
+    task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
+    kind, index = task.get("type"), int(task.get("index", 0))
+    if kind is None or kind == "chief" or (kind == "worker" and index == 0):
+        return ""
+    return f"-{kind}{index}"
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -136,9 +151,11 @@ def _record_config(workdir: str) -> None:
 def train_main(argv: Sequence[str] | None = None) -> None:
     """``revisit-train``: pretext training (``experiments.pretrain``)."""
     args = _parser("Pretext training (revisit_tf).").parse_args(argv)
-    _setup_logging(args.workdir, "train")
+    suffix = _worker_suffix()
+    _setup_logging(args.workdir, "train" + suffix)
     parse_gin(args.gin_file, args.gin_bindings)
-    _record_config(args.workdir)
+    if not suffix:
+        _record_config(args.workdir)
 
     def write_operative_config():
         _write_atomic(

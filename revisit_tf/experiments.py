@@ -33,6 +33,7 @@ from revisit_tf.probe import features as features_lib
 from revisit_tf.probe import lbfgs
 from revisit_tf.report import results as results_lib
 from revisit_tf.report import tables
+from revisit_tf.train import checkpoint as checkpoint_lib
 from revisit_tf.train import loop as loop_lib
 from revisit_tf.train import losses as losses_lib
 from revisit_tf.train import optim
@@ -249,21 +250,7 @@ def export_model(
     if random_init:
         logging.info("Exporting %s at random initialisation.", model.name)
     else:
-        path = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
-        if path is None:
-            raise FileNotFoundError(
-                f"No checkpoint in {os.path.join(workdir, 'checkpoints')!r}: run "
-                "revisit-train with this workdir first (or export random_init)."
-            )
-        try:
-            status = tf.train.Checkpoint(model=model).restore(path)
-            status.expect_partial().assert_existing_objects_matched()
-        except (tf.errors.OpError, ValueError, AssertionError) as e:
-            from revisit_tf.train.checkpoint import CheckpointError
-
-            raise CheckpointError(
-                f"Cannot restore {path!r} into {model.name}: {e}"
-            ) from e
+        path = checkpoint_lib.restore_model(workdir, model)
         logging.info("Restored %s.", path)
     out = export_lib.export_saved_model(
         model,

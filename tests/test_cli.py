@@ -152,3 +152,61 @@ def test_kill_and_resume(tmp_path):
     assert f"step {total}/{total}" in out
     latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
     assert latest.endswith(f"ckpt-{total}")
+
+
+def _free_ports(n):
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_multi_worker_two_local_processes(tmp_path):
+    """MultiWorkerMirroredStrategy with 2 worker processes on this machine."""
+    workdir = str(tmp_path / "mw")
+    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
+    procs = []
+    for index in range(2):
+        env = dict(os.environ)
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        )
+        args = [sys.executable, "-m", "revisit_tf.cli", "train", "--workdir", workdir]
+        args += ["--gin_file", DEMO, "--gin_file", "smoke.gin"]
+        args += ["--gin_bindings", "pretrain.strategy = 'multi_worker'"]
+        procs.append(
+            subprocess.Popen(
+                args,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                cwd=REPO,
+                env=env,
+            )
+        )
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert "2 replica(s) in sync" in outs[0] and "2 replica(s) in sync" in outs[1]
+    # The chief alone writes checkpoints, the config and TensorBoard events;
+    # the other worker's temporary checkpoint directory is gone.
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    assert latest.endswith("ckpt-4")
+    assert os.path.exists(os.path.join(workdir, "config.gin"))
+    assert os.path.exists(os.path.join(workdir, "train-worker1.log"))
+    assert not os.listdir(os.path.join(workdir, ".worker_tmp"))
+    # Both workers saw the same global losses (all-reduced).
+    losses = [
+        [
+            line.split("loss ")[1].split()[0]
+            for line in out.splitlines()
+            if " loss " in line
+        ]
+        for out in outs
+    ]
+    assert losses[0] and losses[0] == losses[1]

@@ -55,7 +55,7 @@ def test_wrong_image_shape(tmp_path):
     loaded = tf.saved_model.load(path)
     fn = loaded.signatures["serving_default"]
     assert fn(images=tf.zeros([2, 28, 28, 1]))["default"].shape == (2, 128)
-    with pytest.raises((ValueError, TypeError), match="28, 28, 1"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[N, 28, 28, 1\]"):
         fn(images=tf.zeros([2, 28, 28, 3]))
 
 

@@ -347,8 +347,26 @@ def _build_root(
     """
     image_spec = tf.TensorSpec([None, *image_shape], tf.float32, name=INPUT_KEY)
 
+    expected = "[N, " + ", ".join("?" if d is None else str(d) for d in image_shape)
+    expected += "] float32 in [0, 1]"
+
+    def check_images(images: tf.Tensor) -> tf.Tensor:
+        # Loaded signatures check the dtype but not the shape: check it here so
+        # a wrong shape fails with a message instead of deep inside a conv.
+        checks = [
+            tf.debugging.assert_equal(
+                tf.shape(images)[axis + 1],
+                size,
+                message=f"images must be {expected}; dimension {axis + 1} differs",
+            )
+            for axis, size in enumerate(image_shape)
+            if size is not None
+        ]
+        with tf.control_dependencies(checks):
+            return tf.identity(images)
+
     def endpoints(images: tf.Tensor, training: bool) -> dict[str, tf.Tensor]:
-        outputs = model(preprocess(images), training=training)
+        outputs = model(preprocess(check_images(images)), training=training)
         if not isinstance(outputs, Mapping) or not all(
             isinstance(k, str) for k in outputs
         ):

@@ -25,6 +25,45 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored (corrupt or mismatched)."""
 
 
+def _restore(checkpoint: tf.train.Checkpoint, path: str, *, partial: bool) -> None:
+    """``checkpoint.restore(path)`` with every failure turned into CheckpointError."""
+    try:
+        status = checkpoint.restore(path)
+        if partial:
+            status = status.expect_partial()
+        status.assert_existing_objects_matched()
+    except Exception as e:  # noqa: BLE001 - TF raises OpError, IndexError, ...
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(
+            f"Cannot restore checkpoint {path!r}: it is corrupt, truncated or "
+            f"was written by a different model/optimizer ({type(e).__name__}: "
+            f"{first_line}). Move it (and its line in the 'checkpoint' file "
+            "beside it) away to use an older checkpoint, or use a fresh workdir."
+        ) from e
+
+
+def restore_model(workdir: str, model: keras.Model) -> str:
+    """Restores only ``model`` from the newest checkpoint of ``workdir``.
+
+    Used by the export: the optimizer slots in the checkpoint are ignored.
+
+    Returns:
+      The checkpoint path restored.
+
+    Raises:
+      FileNotFoundError: no checkpoint in ``workdir/checkpoints``.
+      CheckpointError: corrupt or mismatched checkpoint.
+    """
+    directory = os.path.join(workdir, "checkpoints")
+    path = tf.train.latest_checkpoint(directory)
+    if path is None:
+        raise FileNotFoundError(
+            f"No checkpoint in {directory!r}: train with this workdir first."
+        )
+    _restore(tf.train.Checkpoint(model=model), path, partial=True)
+    return path
+
+
 class Checkpointer:
     """Saves and restores ``model`` + ``optimizer`` in ``<workdir>/checkpoints``.
 
@@ -77,17 +116,7 @@ class Checkpointer:
         if path is None:
             logging.info("No checkpoint in %s: starting from scratch.", self.directory)
             return 0
-        try:
-            status = self.checkpoint.restore(path)
-            status.assert_existing_objects_matched()
-        except Exception as e:  # noqa: BLE001 - TF raises OpError, IndexError, ...
-            raise CheckpointError(
-                f"Cannot restore checkpoint {path!r}: it is corrupt, truncated or "
-                f"was written by a different model/optimizer ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}). Move it (and its "
-                f"entry in {os.path.join(self.directory, 'checkpoint')}) away to "
-                "resume from an older checkpoint, or use a fresh workdir."
-            ) from e
+        _restore(self.checkpoint, path, partial=False)
         step = int(self._optimizer.iterations.numpy())
         logging.info("Restored %s (step %d).", path, step)
         return step
