@@ -10,21 +10,11 @@ import logging
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import run_both
 
 from revisit_tf.pp import get_preprocess_fn
 from revisit_tf.pp.builder import parse_op, split_pipeline
 from revisit_tf.pp.registry import GLOBAL_REGISTRY, Registry, isolated_registry
-
-
-def run_both(fn, data):
-    """Runs `fn` eagerly and in tf.data; returns (eager, dataset) numpy dicts."""
-    tensors = {k: tf.convert_to_tensor(v) for k, v in data.items()}
-    eager = fn(tensors)
-    (in_dataset,) = list(tf.data.Dataset.from_tensors(tensors).map(fn))
-    return (
-        {k: np.asarray(v) for k, v in eager.items()},
-        {k: np.asarray(v) for k, v in in_dataset.items()},
-    )
 
 
 def get_add(value, key="x"):

@@ -9,6 +9,7 @@ outputs, both outcomes occurring, binomial rates).
 
 import itertools
 
+import helpers
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -25,14 +26,7 @@ def _seeded():
 
 def run_both(pipeline, data):
     """Runs `pipeline` eagerly and in tf.data; returns (eager, dataset) numpy dicts."""
-    fn = get_preprocess_fn(pipeline, log_data=False)
-    tensors = {k: tf.convert_to_tensor(v) for k, v in data.items()}
-    eager = fn(tensors)
-    (in_dataset,) = list(tf.data.Dataset.from_tensors(tensors).map(fn))
-    return (
-        {k: np.asarray(v) for k, v in eager.items()},
-        {k: np.asarray(v) for k, v in in_dataset.items()},
-    )
+    return helpers.run_both(get_preprocess_fn(pipeline, log_data=False), data)
 
 
 def dataset_spec(pipeline, data):

@@ -140,6 +140,19 @@ def _dataset_fn(batch):
     return dataset_fn
 
 
+def _train(model, opt, strategy, batch, workdir, total_steps, **kwargs):
+    return loop_lib.train(
+        model=model,
+        optimizer=opt,
+        strategy=strategy,
+        dataset_fn=_dataset_fn(batch),
+        total_steps=total_steps,
+        global_batch_size=GLOBAL_BATCH,
+        workdir=workdir,
+        **kwargs,
+    )
+
+
 def test_train_updates_equal_on_two_replicas(tmp_path):
     batch = _batch(1)
     single = tf.distribute.get_strategy()
@@ -150,15 +163,7 @@ def test_train_updates_equal_on_two_replicas(tmp_path):
         ("one", model1, opt1, single),
         ("two", model2, opt2, mirrored),
     ):
-        metrics = loop_lib.train(
-            model=model,
-            optimizer=opt,
-            strategy=strategy,
-            dataset_fn=_dataset_fn(batch),
-            total_steps=1,
-            global_batch_size=GLOBAL_BATCH,
-            workdir=str(tmp_path / name),
-        )
+        metrics = _train(model, opt, strategy, batch, str(tmp_path / name), 1)
         assert metrics["step"] == 1
     # float32: ~1e-5 noise (see the float64 test above); a wrong loss scaling
     # (e.g. gradients not averaged over replicas) moves weights by ~lr * g ~ 1e-2.
@@ -175,14 +180,13 @@ def test_train_counts_steps_checkpoints_and_resumes(tmp_path):
     def run(total_steps):
         keras.utils.set_random_seed(0)
         model, opt = _model_and_optimizer(strategy)
-        metrics = loop_lib.train(
-            model=model,
-            optimizer=opt,
-            strategy=strategy,
-            dataset_fn=_dataset_fn(batch),
-            total_steps=total_steps,
-            global_batch_size=GLOBAL_BATCH,
-            workdir=workdir,
+        metrics = _train(
+            model,
+            opt,
+            strategy,
+            batch,
+            workdir,
+            total_steps,
             steps_per_loop=2,
             checkpoint_every=3,
             on_first_loop=lambda: calls.append(total_steps),
@@ -212,15 +216,7 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path):
     workdir = str(tmp_path / "run")
     strategy = tf.distribute.get_strategy()
     model, opt = _model_and_optimizer(strategy)
-    loop_lib.train(
-        model=model,
-        optimizer=opt,
-        strategy=strategy,
-        dataset_fn=_dataset_fn(batch),
-        total_steps=1,
-        global_batch_size=GLOBAL_BATCH,
-        workdir=workdir,
-    )
+    _train(model, opt, strategy, batch, workdir, 1)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     (data_file,) = [f for f in os.listdir(ckpt_dir) if ".data-" in f]
     with open(os.path.join(ckpt_dir, data_file), "r+b") as f:
@@ -238,30 +234,14 @@ def test_mismatched_checkpoint_gives_clear_error(tmp_path):
     workdir = str(tmp_path / "run")
     strategy = tf.distribute.get_strategy()
     model, opt = _model_and_optimizer(strategy)
-    loop_lib.train(
-        model=model,
-        optimizer=opt,
-        strategy=strategy,
-        dataset_fn=_dataset_fn(batch),
-        total_steps=1,
-        global_batch_size=GLOBAL_BATCH,
-        workdir=workdir,
-    )
+    _train(model, opt, strategy, batch, workdir, 1)
     with strategy.scope():
         other = build_resnet(
             width=0.5, units=(1, 1, 1, 1), num_classes=VIEWS, input_shape=(16, 16, 1)
         )
         opt = optim.build_sgd(0.1)
     with pytest.raises(checkpoint_lib.CheckpointError, match="different model"):
-        loop_lib.train(
-            model=other,
-            optimizer=opt,
-            strategy=strategy,
-            dataset_fn=_dataset_fn(batch),
-            total_steps=2,
-            global_batch_size=GLOBAL_BATCH,
-            workdir=workdir,
-        )
+        _train(other, opt, strategy, batch, workdir, 2)
 
 
 def test_flatten_views_and_errors():
