@@ -16,7 +16,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 echo "== installing revisit_tf and its pinned dependencies (constraints.txt)"
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade "pip>=24"
+.venv/bin/python -m pip install -q --disable-pip-version-check "pip==26.3"
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
 
 FMNIST=/usr/share/datasets/fashion-mnist
