@@ -210,3 +210,35 @@ def test_multi_worker_two_local_processes(tmp_path):
         for out in outs
     ]
     assert losses[0] and losses[0] == losses[1]
+
+
+def test_random_init_export_is_the_trained_trunks_initialisation(tmp_path, monkeypatch):
+    """Demo baseline (b) uses the same seed, hence the very weights (a) started from."""
+    from revisit_tf import experiments
+
+    captured = {}
+
+    def fake_train(*, model, **kwargs):
+        captured["weights"] = [v.numpy() for v in model.trainable_variables]
+        return {}
+
+    monkeypatch.setattr(experiments.loop_lib, "train", fake_train)
+    cli.parse_gin([DEMO, "smoke.gin"], [])
+    configurables.pretrain(workdir=str(tmp_path / "a"))
+    cli.parse_gin([DEMO, "smoke.gin"], ["export_model.random_init = True"])
+    loaded = tf.saved_model.load(
+        configurables.export_model(workdir=str(tmp_path / "b"))
+    )
+    exported = [v.numpy() for v in loaded.trainable_variables]
+    assert len(exported) == len(captured["weights"]) > 0
+    for a, b in zip(captured["weights"], exported, strict=True):
+        assert (a == b).all()
+    # A different seed gives a different initialisation (the check can fail).
+    cli.parse_gin(
+        [DEMO, "smoke.gin"],
+        ["export_model.random_init = True", "export_model.seed = 1"],
+    )
+    loaded = tf.saved_model.load(
+        configurables.export_model(workdir=str(tmp_path / "c"))
+    )
+    assert not (loaded.trainable_variables[0].numpy() == captured["weights"][0]).all()

@@ -9,7 +9,9 @@ channels fastest). ``PixelFeatures`` is the raw-pixel baseline.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +19,7 @@ import tensorflow as tf
 
 # Reference 8.2: fixed target of 9000 features per endpoint.
 FEATURE_BUDGET = 9000
+_LOG_EVERY_BATCHES = 100
 
 
 def pool_to_budget(x: tf.Tensor, budget: int = FEATURE_BUDGET) -> tf.Tensor:
@@ -82,11 +85,19 @@ class SavedModelFeatures:
         """
         chunks: dict[str, list[np.ndarray]] = {e: [] for e in self.endpoints}
         labels = []
-        for batch in dataset:
+        start, seen = time.perf_counter(), 0
+        for i, batch in enumerate(dataset):
             out = self._fn(**{self._input_name: tf.cast(batch["image"], tf.float32)})
             for e in self.endpoints:
                 chunks[e].append(_flatten(out[e]))
             labels.append(batch["label"].numpy())
+            seen += len(labels[-1])
+            if (i + 1) % _LOG_EVERY_BATCHES == 0:
+                logging.info(
+                    "Features: %d images, %.0f images/s.",
+                    seen,
+                    seen / (time.perf_counter() - start),
+                )
         if not labels:
             raise ValueError("The probe's dataset is empty.")
         return (

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import time
 from collections.abc import Sequence
 
@@ -779,6 +780,16 @@ def sweep_l2(
                 failed=fit.failed,
                 seconds=fit.seconds,
             )
+        )
+        point = table[-1]
+        logging.info(
+            "l2 %.1e: train %.2f%%, val %.2f%% (%d iterations%s, %.1fs).",
+            l2,
+            100 * point.train_top1,
+            100 * val_top1,
+            fit.iterations,
+            "" if fit.converged else ", NOT converged",
+            fit.seconds,
         )
         # Strict ">": the grid is descending, so ties keep the larger l2.
         if val_top1 > best_val:
