@@ -349,6 +349,16 @@ def test_overwrite_false_refuses_an_existing_export(tmp_path):
     assert read_metadata(path)["user_metadata"] == {"run": 1}
 
 
+def assert_first_export_intact(tmp_path, path, first, images):
+    """Only the first export is left, unchanged, and no temporary directory."""
+    assert os.listdir(tmp_path) == ["trunk"]
+    assert read_metadata(path)["user_metadata"] == {"run": 1}
+    loaded = load(path)  # Kept alive: its functions only weakly hold variables.
+    assert_outputs_close(
+        loaded.serving_default(tf.constant(images)), expected_outputs(first, images)
+    )
+
+
 def test_failed_save_keeps_previous_export_and_leaves_no_temp_dir(
     tmp_path, images, monkeypatch
 ):
@@ -367,12 +377,7 @@ def test_failed_save_keeps_previous_export_and_leaves_no_temp_dir(
         export(second, path, metadata={"run": 2})
     monkeypatch.undo()
 
-    assert os.listdir(tmp_path) == ["trunk"]
-    assert read_metadata(path)["user_metadata"] == {"run": 1}
-    loaded = load(path)  # Kept alive: its functions only weakly hold variables.
-    assert_outputs_close(
-        loaded.serving_default(tf.constant(images)), expected_outputs(first, images)
-    )
+    assert_first_export_intact(tmp_path, path, first, images)
 
 
 def test_failed_final_rename_puts_previous_export_back(tmp_path, images, monkeypatch):
@@ -391,12 +396,7 @@ def test_failed_final_rename_puts_previous_export_back(tmp_path, images, monkeyp
         export(second, path, metadata={"run": 2})
     monkeypatch.undo()
 
-    assert os.listdir(tmp_path) == ["trunk"]
-    assert read_metadata(path)["user_metadata"] == {"run": 1}
-    loaded = load(path)  # Kept alive: its functions only weakly hold variables.
-    assert_outputs_close(
-        loaded.serving_default(tf.constant(images)), expected_outputs(first, images)
-    )
+    assert_first_export_intact(tmp_path, path, first, images)
 
 
 @pytest.mark.parametrize(
