@@ -242,3 +242,17 @@ def test_random_init_export_is_the_trained_trunks_initialisation(tmp_path, monke
         configurables.export_model(workdir=str(tmp_path / "c"))
     )
     assert not (loaded.trainable_variables[0].numpy() == captured["weights"][0]).all()
+
+
+def test_demo_switches_to_resnet_v2_minus_with_bindings(tmp_path):
+    workdir = str(tmp_path / "v2")
+    cli.train_main(
+        ["--workdir", workdir, "--gin_file", DEMO, "--gin_file", "smoke.gin"]
+        + ["--gin_bindings", "build_resnet.version = 'v2'"]
+        + ["--gin_bindings", "build_resnet.last_relu = False"]
+    )
+    assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith(
+        "ckpt-4"
+    )
+    with open(os.path.join(workdir, "train.log")) as f:
+        assert "Model resnet14_v2" in f.read()

@@ -1,4 +1,4 @@
-"""Tests for the ResNet50 v1 trunk (``revisit_tf.models.resnet``).
+"""Tests for the ResNet50 v1 and v2 trunks (``revisit_tf.models.resnet``).
 
 Golden values come from the reference (``original-system.md`` 5.4: parameter
 counts and endpoint shape tables) or from closed-form arithmetic written out
@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from revisit_tf.models import ENDPOINTS, build_resnet, count_params
-from revisit_tf.models.resnet import apply_bottleneck_v1
+from revisit_tf.models.resnet import apply_bottleneck_v1, apply_bottleneck_v2
 
 BN_EPS = 1e-3  # reference section 5: TF1 batch-norm epsilon.
 TINY = {"width": 0.25, "units": (1, 1, 1, 1)}
@@ -26,28 +26,38 @@ TINY = {"width": 0.25, "units": (1, 1, 1, 1)}
 # --------------------------------------------------------------------------
 
 
-def expected_params(k, units, num_classes, in_channels=3, strides=(1, 2, 2, 2)):
-    """Trainable parameters of ResNet v1 by arithmetic over reference 5.1.
+def expected_params(
+    k, units, num_classes, in_channels=3, strides=(1, 2, 2, 2), version="v1"
+):
+    """Trainable parameters of ResNet v1 / v2 by arithmetic over reference 5.1.
 
-    Stem: 7x7 conv in_channels -> 16k (no bias) + BN (scale, offset).
+    v1. Stem: 7x7 conv in_channels -> 16k (no bias) + BN (scale, offset).
     Unit with input c, output F, bottleneck b = F/4: 1x1 c->b, 3x3 b->b,
     1x1 b->F, each + BN; projection 1x1 c->F + BN when stride > 1 or c != F.
-    Head: dense 512k -> n with bias.
+    v2. Stem: the 7x7 conv only (no BN). Unit: pre-activation BN over c;
+    1x1 c->b + BN, 3x3 b->b + BN, 1x1 b->F (no BN); projection 1x1 c->F
+    (no BN) when stride > 1 or c != F. Head: BN over 512k after the last unit.
+    Both: dense 512k -> n with bias.
     """
+    v2 = version == "v2"
     stem = int(16 * k)
-    total = 7 * 7 * in_channels * stem + 2 * stem
+    total = 7 * 7 * in_channels * stem + (0 if v2 else 2 * stem)
     c = stem
     for i, (num_units, stage_stride) in enumerate(zip(units, strides, strict=True)):
         f = int(64 * k * 2**i)
         b = f // 4
         for j in range(num_units):
             stride = stage_stride if j == 0 else 1
+            if v2:
+                total += 2 * c  # preact_bn
             total += c * b + 2 * b  # conv1 + bn1
             total += 3 * 3 * b * b + 2 * b  # conv2 + bn2
-            total += b * f + 2 * f  # conv3 + bn3
+            total += b * f + (0 if v2 else 2 * f)  # conv3 (+ bn3 for v1)
             if stride > 1 or c != f:
-                total += c * f + 2 * f  # proj_conv + proj_bn
+                total += c * f + (0 if v2 else 2 * f)  # proj_conv (+ proj_bn)
             c = f
+    if v2:
+        total += 2 * c  # post_bn
     if num_classes is not None:
         total += c * num_classes + num_classes
     return total
@@ -196,12 +206,21 @@ def test_resnet50_k4_layer_names_are_deterministic(resnet50_k4):
 
 
 @pytest.mark.parametrize(
-    "k, count",
-    [(4, 25_557_032), (8, 98_004_072), (12, 217_342_120), (16, 383_571_176)],
+    "version, k, count",
+    [
+        ("v1", 4, 25_557_032),
+        ("v1", 8, 98_004_072),
+        ("v1", 12, 217_342_120),
+        ("v1", 16, 383_571_176),
+        ("v2", 4, 25_549_352),
+        ("v2", 8, 97_988_712),
+        ("v2", 12, 217_319_080),
+        ("v2", 16, 383_540_456),
+    ],
 )
-def test_closed_form_reproduces_reference_table(k, count):
+def test_closed_form_reproduces_reference_table(version, k, count):
     # Validates the test's own formula against reference 5.4 for every width.
-    assert expected_params(k, (3, 4, 6, 3), 1000) == count
+    assert expected_params(k, (3, 4, 6, 3), 1000, version=version) == count
 
 
 @pytest.mark.parametrize(
@@ -219,15 +238,17 @@ def test_closed_form_reproduces_reference_table(k, count):
         },
     ],
 )
-def test_small_variant_param_count_matches_closed_form(kwargs):
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_small_variant_param_count_matches_closed_form(kwargs, version):
     kwargs = {"input_shape": (32, 32, 3), **kwargs}
-    model = build_resnet(**kwargs)
+    model = build_resnet(version=version, **kwargs)
     expected = expected_params(
         kwargs["width"],
         kwargs["units"],
         kwargs["num_classes"],
         in_channels=kwargs["input_shape"][-1],
         strides=kwargs.get("strides", (1, 2, 2, 2)),
+        version=version,
     )
     assert count_params(model) == expected
     # BN moving statistics exist but are not trainable.
@@ -457,6 +478,11 @@ def test_config_round_trip_and_keras_file(tmp_path):
         ({"version": "v3"}, r"Unknown ResNet version 'v3'"),
         ({"last_relu": False}, r"last_relu=False.*v1.*v2 and RevNet"),
         (
+            {"version": "v1", "last_relu": False},
+            r"last_relu=False.*v1.*v2 and RevNet",
+        ),
+        ({"version": "V2"}, r"Unknown ResNet version 'V2'"),
+        (
             {"units": (3, 4, 6)},
             r"units must be a sequence of 4 positive ints.*\(3, 4, 6\)",
         ),
@@ -551,3 +577,212 @@ def test_sync_batchnorm_uses_global_batch_statistics_across_replicas():
     np.testing.assert_allclose(run_distributed(synced), expected, rtol=1e-3, atol=1e-3)
     # Without synchronization each replica normalizes its own half.
     assert np.max(np.abs(run_distributed(local) - expected)) > 1e-2
+
+
+# --------------------------------------------------------------------------
+# ResNet50 v2 (pre-activation), reference 5.1 / 5.4 / 11.2 items 19-20.
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnet50_v2_k4():
+    return build_resnet(version="v2", width=4, num_classes=1000)
+
+
+def test_resnet50_v2_k4_param_count_matches_reference(resnet50_v2_k4):
+    # Reference 5.4 table.
+    assert count_params(resnet50_v2_k4) == 25_549_352
+
+
+def test_resnet50_v2_k4_endpoint_shapes_and_layer_names(resnet50_v2_k4):
+    # Reference 5.4: the same endpoint table as v1.
+    assert static_shapes(resnet50_v2_k4) == {
+        "after_root": (56, 56, 64),
+        "block1": (56, 56, 256),
+        "block2": (28, 28, 512),
+        "block3": (14, 14, 1024),
+        "block4": (7, 7, 2048),
+        "pre_logits": (2048,),
+        "logits": (1000,),
+    }
+    assert resnet50_v2_k4.name == "resnet50_v2"
+    names = {layer.name for layer in resnet50_v2_k4.layers}
+    root = {"image", "root_pad", "root_conv", "root_pool_pad", "root_pool"}
+    root |= {"post_bn", "post_relu", "pre_logits", "logits"}
+    assert root <= names
+    assert not names & {"root_bn", "root_relu"}  # v2 stem: conv only
+    for i, num_units in enumerate((3, 4, 6, 3), start=1):
+        for j in range(1, num_units + 1):
+            unit = f"block{i}_unit{j}"
+            for suffix in ("preact_bn", "preact_relu", "conv1", "conv2", "conv3"):
+                assert f"{unit}_{suffix}" in names
+            assert {f"{unit}_bn1", f"{unit}_bn2", f"{unit}_add"} <= names
+            assert f"{unit}_bn3" not in names
+            assert f"{unit}_proj_bn" not in names
+            assert (f"{unit}_proj_conv" in names) == (j == 1)
+
+
+def _np_bottleneck_v2(model, x, name, stride, project):
+    """Reference 5.1 bottleneck v2 unit (inference-mode BN) in NumPy."""
+    a = np_relu(np_bn(x, bn_params(model, f"{name}_preact_bn")))
+    if project:
+        shortcut = np_conv(a, kernel(model, f"{name}_proj_conv"), stride, (0, 0))
+    else:
+        shortcut = x
+    y = np_conv(a, kernel(model, f"{name}_conv1"), 1, (0, 0))
+    y = np_relu(np_bn(y, bn_params(model, f"{name}_bn1")))
+    y = np_conv(y, kernel(model, f"{name}_conv2"), stride, (1, 1))
+    y = np_relu(np_bn(y, bn_params(model, f"{name}_bn2")))
+    y = np_conv(y, kernel(model, f"{name}_conv3"), 1, (0, 0))
+    return y + shortcut
+
+
+@pytest.mark.parametrize(
+    "in_channels, filters, stride, project",
+    [(6, 16, 2, True), (16, 16, 1, False), (8, 16, 1, True)],
+)
+def test_bottleneck_v2_matches_numpy(in_channels, filters, stride, project):
+    rng = np.random.default_rng(10)
+    inputs = keras.Input((8, 8, in_channels))
+    outputs = apply_bottleneck_v2(inputs, filters=filters, stride=stride, name="u")
+    model = keras.Model(inputs, outputs)
+    names = {la.name for la in model.layers}
+    assert ("u_proj_conv" in names) == project
+    randomize_weights(model, rng)
+    x = rng.normal(size=(2, 8, 8, in_channels)).astype("float32")
+    got = np.asarray(model(x, training=False))
+    expected = _np_bottleneck_v2(model, x.astype(np.float64), "u", stride, project)
+    assert got.shape == expected.shape == (2, 8 // stride, 8 // stride, filters)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert np.min(got) < 0  # no activation after the residual sum
+
+
+def test_bottleneck_v2_rejects_filters_not_divisible_by_four():
+    with pytest.raises(ValueError, match=r"multiple of 4, got 6"):
+        apply_bottleneck_v2(keras.Input((8, 8, 4)), filters=6, stride=1, name="u")
+
+
+def test_v2_stem_has_no_bn_relu_and_zero_padded_max_pool():
+    model = build_resnet(
+        version="v2", **TINY, input_shape=(12, 12, 3), weight_decay=0.0
+    )
+    rng = np.random.default_rng(11)
+    randomize_weights(model, rng)
+    # Positive input and a non-positive kernel: every conv output is <= 0, so
+    # the zero-padded border wins the max where a -inf padding would not.
+    w = -np.abs(rng.normal(0.0, 0.3, (7, 7, 3, 4))).astype("float32")
+    model.get_layer("root_conv").kernel.assign(w)
+    x = rng.uniform(0.1, 1.0, size=(2, 12, 12, 3)).astype("float32")
+
+    conv = np_conv(x.astype(np.float64), w.astype(np.float64), 2, (3, 3))
+    assert np.max(conv) < 0
+    zero_padded = np_maxpool(conv, 3, 2, (1, 1))
+    neg_inf = np.pad(conv, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    inf_padded = np_maxpool(neg_inf, 3, 2, (0, 0))
+
+    got = np.asarray(model(x, training=False)["after_root"])
+    assert got.shape == zero_padded.shape == (2, 3, 3, 4)
+    np.testing.assert_allclose(got, zero_padded, rtol=1e-4, atol=1e-4)
+    assert np.max(np.abs(zero_padded - inf_padded)) > 0.1
+    assert np.all(got[:, 0] == 0) and np.all(got[:, :, 0] == 0)  # border windows
+    assert np.min(got) < 0  # interior windows stay negative: no ReLU in the stem
+
+
+def _tiny_v2(last_relu, seed=12, **kwargs):
+    model = build_resnet(
+        version="v2",
+        **TINY,
+        input_shape=(16, 16, 3),
+        last_relu=last_relu,
+        num_classes=3,
+        **kwargs,
+    )
+    randomize_weights(model, np.random.default_rng(seed))
+    return model
+
+
+def test_v2_last_relu_false_is_the_minus_variant():
+    with_relu, without = _tiny_v2(True), _tiny_v2(False)
+    assert "post_relu" in {la.name for la in with_relu.layers}
+    assert "post_relu" not in {la.name for la in without.layers}
+    without.set_weights(with_relu.get_weights())  # same weights, no post_relu
+    x = np.random.default_rng(13).normal(size=(4, 16, 16, 3)).astype("float32")
+    a = np.asarray(with_relu(x, training=False)["pre_logits"])
+    b = np.asarray(without(x, training=False)["pre_logits"])
+    assert np.min(a) >= 0
+    assert np.min(b) < 0
+    # Mean of ReLU >= ReLU of mean >= mean.
+    assert np.all(a >= b - 1e-6)
+
+
+def test_v2_block4_is_the_raw_sum_before_post_bn():
+    model = _tiny_v2(True)
+    # Graph: block4 is the last unit's Add, which feeds post_bn.
+    last_add = model.get_layer("block4_unit1_add")
+    assert model.output["block4"] is last_add.output
+    assert model.get_layer("post_bn").input is last_add.output
+    # Values: pre_logits = mean over space of ReLU(BN(block4)).
+    x = np.random.default_rng(14).normal(size=(2, 16, 16, 3)).astype("float32")
+    out = model(x, training=False)
+    block4 = np.asarray(out["block4"], np.float64)
+    assert np.min(block4) < 0  # not activated
+    expected = np_relu(np_bn(block4, bn_params(model, "post_bn"))).mean(axis=(1, 2))
+    np.testing.assert_allclose(out["pre_logits"], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("last_relu", [True, False])
+def test_v2_config_round_trip(last_relu):
+    model = _tiny_v2(last_relu, weight_decay=2e-4)
+    x = np.random.default_rng(15).normal(size=(2, 16, 16, 3)).astype("float32")
+    config = json.loads(json.dumps(model.get_config()))
+    clone = keras.Model.from_config(config)
+    clone.set_weights(model.get_weights())
+    _assert_same_outputs(model, clone, x)
+    assert [la.name for la in clone.layers] == [la.name for la in model.layers]
+    assert clone.name == "resnet14_v2"
+    np.testing.assert_allclose(
+        float(sum(clone.losses)), float(sum(model.losses)), rtol=1e-6
+    )
+
+
+def test_v2_weight_decay_sync_batchnorm_and_bn_hyperparameters():
+    wd = 3e-4
+    model = build_resnet(
+        version="v2",
+        **TINY,
+        input_shape=(16, 16, 3),
+        num_classes=5,
+        weight_decay=wd,
+        sync_batchnorm=True,
+    )
+    randomize_weights(model, np.random.default_rng(16))
+    kernels = [v for v in model.trainable_weights if v.path.endswith("/kernel")]
+    # stem + 3 per unit + 4 projections + logits
+    assert len(kernels) == 1 + 3 * 4 + 4 + 1
+    assert len(model.losses) == len(kernels)
+    expected = wd / 2 * sum(np.sum(np.asarray(v, np.float64) ** 2) for v in kernels)
+    np.testing.assert_allclose(float(sum(model.losses)), expected, rtol=1e-5)
+    # 3 BN per unit (preact, bn1, bn2) + post_bn; none in the stem.
+    bns = _bn_layers(model)
+    assert len(bns) == 3 * 4 + 1
+    assert all(la.synchronized for la in bns)
+    assert {(la.momentum, la.epsilon) for la in bns} == {(0.99, 1e-3)}
+    plain = build_resnet(version="v2", **TINY, input_shape=(16, 16, 3))
+    assert not any(la.synchronized for la in _bn_layers(plain))
+
+
+def test_v2_small_variant_endpoint_shapes_and_forward_pass():
+    model = build_resnet(
+        version="v2",
+        **TINY,
+        input_shape=(30, 30, 1),
+        stem_stride=1,
+        strides=(1, 2, 2, 1),
+        num_classes=3,
+    )
+    expected = expected_shapes(30, 0.25, 1, (1, 2, 2, 1))
+    expected["logits"] = (3,)
+    assert static_shapes(model) == expected
+    out = model(np.ones((2, 30, 30, 1), "float32"), training=False)
+    for key, shape in expected.items():
+        assert tuple(out[key].shape) == (2, *shape), key

@@ -20,7 +20,8 @@ Contract:
 
 Builders:
 
-* ``build_resnet`` - ResNet50 v1 with widening factor k (reference 5.1).
+* ``build_resnet`` - ResNet50 v1 and v2 (and the v2 "(-)" variant without the
+  final ReLU) with widening factor k (reference 5.1).
 """
 
 from revisit_tf.models.resnet import ENDPOINTS, build_resnet, count_params

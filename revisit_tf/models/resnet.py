@@ -1,4 +1,4 @@
-"""ResNet50 trunks (v1 for now) with a widening factor k, as in the 2019 release.
+"""ResNet50 trunks (v1 and v2) with a widening factor k, as in the 2019 release.
 
 Contract: ``build_resnet(...)`` returns a Keras *functional* model mapping an
 NHWC float image batch ``image [N, H, W, C]`` to a dict of endpoints
@@ -16,11 +16,13 @@ stage serves the same endpoint dict; the linear probe trains on the endpoints
 by name.
 
 The architecture follows reference ``original-system.md`` section 5.1 (stem,
-stages, bottleneck v1 unit, head), 5.4 (endpoint shapes, parameter counts) and
-section 6 (weight decay). Only built-in Keras layers are used, so models round
-trip through ``get_config``/``from_config`` and ``.keras`` files without custom
-objects. Adding v2 means adding ``apply_bottleneck_v2`` to ``_UNIT_FNS`` and the
-version branches in ``_apply_root`` and ``_apply_head``.
+stages, bottleneck v1 and v2 units, head), 5.4 (endpoint shapes, parameter
+counts), 11.2 items 19-20 (zero-padded stem pool, "(-)" variants) and section 6
+(weight decay). Only built-in Keras layers are used, so models round trip
+through ``get_config``/``from_config`` and ``.keras`` files without custom
+objects. The versions differ in the unit function (``_UNIT_FNS``), the stem
+(``_apply_root``: v2 has no BN/ReLU after the 7x7 conv) and the head
+(``_apply_head``: v2 adds BN and an optional ReLU after ``block4``).
 """
 
 from __future__ import annotations
@@ -91,22 +93,7 @@ def apply_bottleneck_v1(
         ValueError: if ``filters`` is not a positive multiple of 4, ``stride``
             is not a positive int, or ``C`` is unknown.
     """
-    if (
-        isinstance(filters, bool)
-        or not isinstance(filters, int)
-        or filters < _BOTTLENECK_DIVISOR
-        or filters % _BOTTLENECK_DIVISOR
-    ):
-        raise ValueError(
-            f"filters must be a positive multiple of {_BOTTLENECK_DIVISOR}, "
-            f"got {filters!r} (unit {name!r})."
-        )
-    if not _is_positive_int(stride):
-        raise ValueError(f"stride must be a positive int, got {stride!r}.")
-    in_channels = x.shape[-1]
-    if in_channels is None:
-        raise ValueError(f"Unit {name!r} needs a known channel count, got {x.shape}.")
-    inner = filters // _BOTTLENECK_DIVISOR
+    in_channels, inner = _check_unit_args(x, filters=filters, stride=stride, name=name)
 
     def bn(t: keras.KerasTensor, suffix: str) -> keras.KerasTensor:
         return make_batchnorm(name=f"{name}_{suffix}", synchronized=sync_batchnorm)(t)
@@ -151,9 +138,115 @@ def apply_bottleneck_v1(
     return keras.layers.ReLU(name=f"{name}_out")(y)
 
 
-# Unit function per version; v2 (pre-activation) will be added here.
+def apply_bottleneck_v2(
+    x: keras.KerasTensor,
+    *,
+    filters: int,
+    stride: int,
+    name: str,
+    weight_decay: float = 1e-4,
+    sync_batchnorm: bool = False,
+) -> keras.KerasTensor:
+    """Applies one ResNet v2 (pre-activation) bottleneck unit (reference 5.1).
+
+    ``a = ReLU(BN(x))``. Shortcut: the raw input ``x``, unless ``stride > 1``
+    or the input channel count differs from ``filters``, in which case a 1x1
+    convolution (``filters``, stride ``stride``, no BN) applied to ``a``. Main
+    path on ``a``: 1x1 conv to ``filters / 4`` + BN + ReLU; 3x3 conv to
+    ``filters / 4`` with stride ``stride`` and fixed padding 1/1 + BN + ReLU;
+    1x1 conv to ``filters``. Output: main + shortcut, with no activation.
+
+    Layer names: ``{name}_preact_bn``, ``{name}_preact_relu``,
+    ``{name}_proj_conv`` (projection only), ``{name}_conv{1,2,3}``,
+    ``{name}_bn{1,2}``, ``{name}_relu{1,2}``, ``{name}_conv2_pad`` (strided
+    units only), ``{name}_add``.
+
+    Args:
+        x: input ``[N, H, W, C]`` with a known channel count ``C``.
+        filters: output channels ``F``, a positive multiple of 4.
+        stride: stride ``s`` of the 3x3 conv and of the projection.
+        name: prefix of all layer names, e.g. ``"block2_unit1"``.
+        weight_decay: original weight-decay factor; every kernel gets
+            ``L2(weight_decay / 2)`` (reference section 6).
+        sync_batchnorm: use synchronized batch norm across replicas.
+
+    Returns:
+        ``[N, ceil(H / s), ceil(W / s), F]``, the raw residual sum.
+
+    Raises:
+        ValueError: if ``filters`` is not a positive multiple of 4, ``stride``
+            is not a positive int, or ``C`` is unknown.
+    """
+    in_channels, inner = _check_unit_args(x, filters=filters, stride=stride, name=name)
+
+    def bn(t: keras.KerasTensor, suffix: str) -> keras.KerasTensor:
+        return make_batchnorm(name=f"{name}_{suffix}", synchronized=sync_batchnorm)(t)
+
+    a = bn(x, "preact_bn")
+    a = keras.layers.ReLU(name=f"{name}_preact_relu")(a)
+    if stride > 1 or in_channels != filters:
+        shortcut = apply_conv(
+            a,
+            filters=filters,
+            kernel_size=1,
+            stride=stride,
+            name=f"{name}_proj_conv",
+            weight_decay=weight_decay,
+        )
+    else:
+        shortcut = x
+
+    y = apply_conv(
+        a, filters=inner, kernel_size=1, name=f"{name}_conv1", weight_decay=weight_decay
+    )
+    y = bn(y, "bn1")
+    y = keras.layers.ReLU(name=f"{name}_relu1")(y)
+    y = apply_conv(
+        y,
+        filters=inner,
+        kernel_size=3,
+        stride=stride,
+        name=f"{name}_conv2",
+        weight_decay=weight_decay,
+    )
+    y = bn(y, "bn2")
+    y = keras.layers.ReLU(name=f"{name}_relu2")(y)
+    y = apply_conv(
+        y,
+        filters=filters,
+        kernel_size=1,
+        name=f"{name}_conv3",
+        weight_decay=weight_decay,
+    )
+    return keras.layers.Add(name=f"{name}_add")([y, shortcut])
+
+
+def _check_unit_args(
+    x: keras.KerasTensor, *, filters: int, stride: int, name: str
+) -> tuple[int, int]:
+    """Validates bottleneck arguments; returns (input channels, inner width)."""
+    if (
+        isinstance(filters, bool)
+        or not isinstance(filters, int)
+        or filters < _BOTTLENECK_DIVISOR
+        or filters % _BOTTLENECK_DIVISOR
+    ):
+        raise ValueError(
+            f"filters must be a positive multiple of {_BOTTLENECK_DIVISOR}, "
+            f"got {filters!r} (unit {name!r})."
+        )
+    if not _is_positive_int(stride):
+        raise ValueError(f"stride must be a positive int, got {stride!r}.")
+    in_channels = x.shape[-1]
+    if in_channels is None:
+        raise ValueError(f"Unit {name!r} needs a known channel count, got {x.shape}.")
+    return in_channels, filters // _BOTTLENECK_DIVISOR
+
+
+# Unit function per version (reference 5.1).
 _UNIT_FNS: dict[str, Callable[..., keras.KerasTensor]] = {
     "v1": apply_bottleneck_v1,
+    "v2": apply_bottleneck_v2,
 }
 VERSIONS = tuple(_UNIT_FNS)
 
@@ -175,15 +268,21 @@ def build_resnet(
     """Builds a ResNet (default: ResNet50 v1, k = 4) trunk with named endpoints.
 
     Reference section 5.1. Stem: 7x7 conv with ``16k`` filters, stride
-    ``stem_stride``, fixed padding 3/3, BN + ReLU, zero padding 1/1 and a 3x3
-    max pool with stride 2. Four stages of ``units[i]`` bottleneck units with
-    ``64k, 128k, 256k, 512k`` output channels; the first unit of stage ``i``
-    has stride ``strides[i]``. Head: global average pool (``pre_logits``) and,
-    if ``num_classes`` is given, a dense layer with bias (``logits``; the
-    original's 1x1 conv on the pooled features has the same parameters).
+    ``stem_stride``, fixed padding 3/3, BN + ReLU (v1 only; v2 has nothing
+    here), zero padding 1/1 and a 3x3 max pool with stride 2 (zero padding, not
+    -inf, also for v2 whose pooled values can be negative; reference 11.2 item
+    19). Four stages of ``units[i]`` bottleneck units (``apply_bottleneck_v1``
+    or ``apply_bottleneck_v2``) with ``64k, 128k, 256k, 512k`` output
+    channels; the first unit of stage ``i`` has stride ``strides[i]``. Head:
+    v2 only, BN (``post_bn``) and, if ``last_relu``, ReLU (``post_relu``) after
+    the last unit (``block4`` of v2 is the raw residual sum before ``post_bn``);
+    then global average pool (``pre_logits``) and, if ``num_classes`` is given,
+    a dense layer with bias (``logits``; the original's 1x1 conv on the pooled
+    features has the same parameters).
 
     At k = 4, 224x224x3 input and 1000 classes the model has 25,557,032
-    trainable parameters (reference section 5.4), the standard ResNet-50 count.
+    (v1; the standard ResNet-50 count) or 25,549,352 (v2) trainable parameters
+    (reference section 5.4).
 
     Example:
 
@@ -192,7 +291,7 @@ def build_resnet(
     ['after_root', 'block1', 'block2', 'block3', 'block4', 'pre_logits']
 
     Args:
-        version: ``"v1"`` (only v1 is implemented so far).
+        version: ``"v1"`` (post-activation) or ``"v2"`` (pre-activation).
         width: widening factor k (reference 5.1); may be fractional as long
             as ``16k`` (and hence every channel count) is a positive integer.
         units: number of bottleneck units in each of the 4 stages.
@@ -202,8 +301,9 @@ def build_resnet(
             reference 5.5).
         strides: stride of the first unit of each stage (``(1, 2, 2, 2)``;
             ``(1, 2, 2, 1)`` for patch tasks, reference 5.1 / 5.5).
-        last_relu: must be True for v1; the paper's "(-)" variants without
-            the final ReLU exist for v2 and RevNet only (reference 11.2 #20).
+        last_relu: v2: apply a ReLU after the final BN (True) or not (False,
+            the paper's "(-)" variant). Must be True for v1; the "(-)"
+            variants exist for v2 and RevNet only (reference 11.2 #20).
         weight_decay: every conv kernel and the logits kernel get
             ``keras.regularizers.L2(weight_decay / 2)``; biases and BN
             parameters are not regularized (reference section 6).
@@ -211,7 +311,8 @@ def build_resnet(
             all-reduces batch statistics over the replicas of a
             ``tf.distribute`` strategy (TensorFlow backend).
         name: model name; defaults to ``"resnet{depth}_{version}"`` with
-            ``depth = 3 * sum(units) + 2`` (so ``"resnet50_v1"``).
+            ``depth = 3 * sum(units) + 2`` (so ``"resnet50_v1"`` or
+            ``"resnet50_v2"``).
 
     Returns:
         A functional ``keras.Model`` with input layer ``image`` and a dict of
@@ -286,7 +387,9 @@ def build_resnet(
             )
         endpoints[f"block{i}"] = x  # [N, h_i, w_i, 64k * 2**(i-1)]
 
-    x = _apply_head(x, version=version, last_relu=last_relu)
+    x = _apply_head(
+        x, version=version, last_relu=last_relu, sync_batchnorm=sync_batchnorm
+    )
     x = keras.layers.GlobalAveragePooling2D(data_format=DATA_FORMAT, name="pre_logits")(
         x
     )
@@ -322,7 +425,11 @@ def _apply_root(
     weight_decay: float,
     sync_batchnorm: bool,
 ) -> keras.KerasTensor:
-    """Stem (reference 5.1): ``[N, H, W, C] -> [N, ceil(H/2s), ceil(W/2s), F]``."""
+    """Stem (reference 5.1): ``[N, H, W, C] -> [N, ceil(H/2s), ceil(W/2s), F]``.
+
+    v1: conv, BN, ReLU, zero pad, max pool. v2: conv, zero pad, max pool (no
+    BN/ReLU; the first unit's pre-activation follows).
+    """
     x = apply_conv(
         x,
         filters=filters,
@@ -335,8 +442,13 @@ def _apply_root(
     if version == "v1":
         x = make_batchnorm(name="root_bn", synchronized=sync_batchnorm)(x)
         x = keras.layers.ReLU(name="root_relu")(x)
+    elif version != "v2":
+        raise ValueError(
+            f"Unknown ResNet version {version!r}; expected one of {VERSIONS}."
+        )
     # Zero padding (not -inf) before the pool, as in the original (reference
-    # 11.2 item 19); for v1 the inputs are post-ReLU, but the window placement
+    # 11.2 item 19). For v2 the conv outputs can be negative, so a border zero
+    # can win the max; for v1 the inputs are post-ReLU, but the window placement
     # (1 before, 1 after) still differs from Keras "same" on even sizes.
     before, after = fixed_padding_amounts(3)
     x = keras.layers.ZeroPadding2D(
@@ -354,11 +466,19 @@ def _apply_root(
 
 
 def _apply_head(
-    x: keras.KerasTensor, *, version: str, last_relu: bool
+    x: keras.KerasTensor, *, version: str, last_relu: bool, sync_batchnorm: bool
 ) -> keras.KerasTensor:
-    """Layers between ``block4`` and the pool; none for v1 (reference 5.1)."""
-    del last_relu  # v1: the last unit already ends with a ReLU.
+    """Layers between ``block4`` and the pool (reference 5.1).
+
+    v1: none (the last unit already ends with a ReLU). v2: BN (``post_bn``)
+    and, if ``last_relu``, ReLU (``post_relu``); ``[N, h, w, C]`` unchanged.
+    """
     if version == "v1":
+        return x
+    if version == "v2":
+        x = make_batchnorm(name="post_bn", synchronized=sync_batchnorm)(x)
+        if last_relu:
+            x = keras.layers.ReLU(name="post_relu")(x)
         return x
     raise ValueError(f"Unknown ResNet version {version!r}; expected one of {VERSIONS}.")
 
