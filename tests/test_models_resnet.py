@@ -160,6 +160,18 @@ def kernel(model, name):
 # --------------------------------------------------------------------------
 
 
+# Reference 5.4 table, 224x224 input, k = 4, 1000-way head (v1 and v2 alike).
+REFERENCE_SHAPES_224_K4 = {
+    "after_root": (56, 56, 64),
+    "block1": (56, 56, 256),
+    "block2": (28, 28, 512),
+    "block3": (14, 14, 1024),
+    "block4": (7, 7, 2048),
+    "pre_logits": (2048,),
+    "logits": (1000,),
+}
+
+
 @pytest.fixture(scope="module")
 def resnet50_k4():
     return build_resnet(width=4, num_classes=1000)
@@ -172,15 +184,7 @@ def test_resnet50_k4_param_count_matches_reference(resnet50_k4):
 
 def test_resnet50_k4_endpoint_shapes_match_reference_table(resnet50_k4):
     # Reference 5.4 table, 224x224 input, k = 4.
-    assert static_shapes(resnet50_k4) == {
-        "after_root": (56, 56, 64),
-        "block1": (56, 56, 256),
-        "block2": (28, 28, 512),
-        "block3": (14, 14, 1024),
-        "block4": (7, 7, 2048),
-        "pre_logits": (2048,),
-        "logits": (1000,),
-    }
+    assert static_shapes(resnet50_k4) == REFERENCE_SHAPES_224_K4
     assert resnet50_k4.name == "resnet50_v1"
     assert resnet50_k4.inputs[0].shape == (None, 224, 224, 3)
 
@@ -596,15 +600,7 @@ def test_resnet50_v2_k4_param_count_matches_reference(resnet50_v2_k4):
 
 def test_resnet50_v2_k4_endpoint_shapes_and_layer_names(resnet50_v2_k4):
     # Reference 5.4: the same endpoint table as v1.
-    assert static_shapes(resnet50_v2_k4) == {
-        "after_root": (56, 56, 64),
-        "block1": (56, 56, 256),
-        "block2": (28, 28, 512),
-        "block3": (14, 14, 1024),
-        "block4": (7, 7, 2048),
-        "pre_logits": (2048,),
-        "logits": (1000,),
-    }
+    assert static_shapes(resnet50_v2_k4) == REFERENCE_SHAPES_224_K4
     assert resnet50_v2_k4.name == "resnet50_v2"
     names = {layer.name for layer in resnet50_v2_k4.layers}
     root = {"image", "root_pad", "root_conv", "root_pool_pad", "root_pool"}

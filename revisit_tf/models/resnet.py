@@ -111,27 +111,14 @@ def apply_bottleneck_v1(
     else:
         shortcut = x
 
-    y = apply_conv(
-        x, filters=inner, kernel_size=1, name=f"{name}_conv1", weight_decay=weight_decay
-    )
-    y = bn(y, "bn1")
-    y = keras.layers.ReLU(name=f"{name}_relu1")(y)
-    y = apply_conv(
-        y,
-        filters=inner,
-        kernel_size=3,
-        stride=stride,
-        name=f"{name}_conv2",
-        weight_decay=weight_decay,
-    )
-    y = bn(y, "bn2")
-    y = keras.layers.ReLU(name=f"{name}_relu2")(y)
-    y = apply_conv(
-        y,
+    y = _apply_bottleneck_main(
+        x,
+        inner=inner,
         filters=filters,
-        kernel_size=1,
-        name=f"{name}_conv3",
+        stride=stride,
+        name=name,
         weight_decay=weight_decay,
+        bn=bn,
     )
     y = bn(y, "bn3")
     y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
@@ -196,8 +183,36 @@ def apply_bottleneck_v2(
     else:
         shortcut = x
 
+    y = _apply_bottleneck_main(
+        a,
+        inner=inner,
+        filters=filters,
+        stride=stride,
+        name=name,
+        weight_decay=weight_decay,
+        bn=bn,
+    )
+    return keras.layers.Add(name=f"{name}_add")([y, shortcut])
+
+
+def _apply_bottleneck_main(
+    x: keras.KerasTensor,
+    *,
+    inner: int,
+    filters: int,
+    stride: int,
+    name: str,
+    weight_decay: float,
+    bn: Callable[[keras.KerasTensor, str], keras.KerasTensor],
+) -> keras.KerasTensor:
+    """The main path shared by v1 and v2 (reference 5.1), up to the last conv.
+
+    1x1 conv to ``inner`` + BN + ReLU; 3x3 conv to ``inner`` with stride
+    ``stride`` (fixed padding) + BN + ReLU; 1x1 conv to ``filters``. v1 adds a
+    BN after it, v2 does not.
+    """
     y = apply_conv(
-        a, filters=inner, kernel_size=1, name=f"{name}_conv1", weight_decay=weight_decay
+        x, filters=inner, kernel_size=1, name=f"{name}_conv1", weight_decay=weight_decay
     )
     y = bn(y, "bn1")
     y = keras.layers.ReLU(name=f"{name}_relu1")(y)
@@ -218,7 +233,7 @@ def apply_bottleneck_v2(
         name=f"{name}_conv3",
         weight_decay=weight_decay,
     )
-    return keras.layers.Add(name=f"{name}_add")([y, shortcut])
+    return y
 
 
 def _check_unit_args(
