@@ -2,7 +2,7 @@
 
 Gin files bind the roots' arguments (``pretrain.*``, ``export_model.*``,
 ``linear_probe.*``) and reference the registered builders by name
-(``pretrain.model_fn = @build_resnet``). Library code never sees gin.
+(``pretrain.model_fn = @build_trunk``). Library code never sees gin.
 Every gin file starts with ``import revisit_tf.configurables`` so that it can
 be parsed on its own.
 """
@@ -14,7 +14,7 @@ import sysconfig
 
 import gin
 from revisit_tf import experiments
-from revisit_tf.models import resnet
+from revisit_tf.models import factory
 from revisit_tf.train import losses
 
 # Roots: called by the binaries, so they need the configured (wrapped) function.
@@ -22,11 +22,14 @@ pretrain = gin.external_configurable(experiments.pretrain, module="revisit_tf")
 export_model = gin.external_configurable(experiments.export_model, module="revisit_tf")
 linear_probe = gin.external_configurable(experiments.linear_probe, module="revisit_tf")
 
-# Builders: only ever referenced from gin (`@build_resnet`), so registering
+# Builders: only ever referenced from gin (`@build_trunk`), so registering
 # them leaves the library functions themselves untouched.
 
-gin.register(resnet.build_resnet, module="revisit_tf.models")
+# --- models (trunks) ---
+gin.register(factory.build_trunk, module="revisit_tf.models")
+# --- pretext tasks: heads, losses, pretext models ---
 gin.register(losses.softmax_xent, module="revisit_tf.train")
+# --- probes ---
 
 
 def gin_search_paths() -> list[str]:

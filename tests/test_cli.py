@@ -55,7 +55,7 @@ def test_smoke_run_train_export_probe_report(tmp_path, capsys):
     for name in ("config.gin", "operative_config.gin", "train.log"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     with open(os.path.join(workdir, "operative_config.gin")) as f:
-        assert "build_resnet.width = 0.25" in f.read()
+        assert "build_trunk.width = 0.25" in f.read()
     with open(os.path.join(workdir, "train.log")) as f:
         log = f.read()
     assert "step 4/4" in log and "img/s" in log and "ETA" in log
@@ -248,8 +248,8 @@ def test_demo_switches_to_resnet_v2_minus_with_bindings(tmp_path):
     workdir = str(tmp_path / "v2")
     cli.train_main(
         ["--workdir", workdir, "--gin_file", DEMO, "--gin_file", "smoke.gin"]
-        + ["--gin_bindings", "build_resnet.version = 'v2'"]
-        + ["--gin_bindings", "build_resnet.last_relu = False"]
+        + ["--gin_bindings", "build_trunk.architecture = 'resnet50_v2'"]
+        + ["--gin_bindings", "build_trunk.last_relu = False"]
     )
     assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith(
         "ckpt-4"

@@ -1,0 +1,7 @@
+"""``python tools/benchmark.py trunks|probe ...`` = ``revisit-benchmark``."""
+
+import sys
+
+from revisit_tf.benchmarks import main
+
+sys.exit(main())
