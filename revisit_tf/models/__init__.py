@@ -12,18 +12,40 @@ Contract:
 * Weight decay is carried by the layers as ``keras.regularizers.L2(wd / 2)``
   on kernels (reference section 6), so the training loop adds
   ``sum(model.losses)`` in training only.
-* Only built-in Keras layers are used: models serialize with
-  ``get_config``/``from_config`` and ``.keras`` files without custom objects.
+* Layers are built-in Keras layers, plus RevNet's registered
+  ``ReversibleStage``/``ReversibleUnit``/``ZeroPadChannels``, so models
+  serialize with ``get_config``/``from_config`` and ``.keras`` files without
+  ``custom_objects``.
+* Every trunk takes ``data_format`` (the layout inside the trunk; inputs and
+  endpoints stay NHWC), ``dtype_policy`` (mixed precision with a float32 head
+  and float32 endpoints), ``sync_batchnorm`` and the widening factor ``width``.
 * Builders take every option as an argument; nothing here reads gin, flags or
   environment variables (``revisit_tf.configurables`` registers the builders
   with gin).
 
 Builders:
 
+* ``build_trunk(architecture, ...)`` - the network factory (reference 5.5):
+  ``resnet50_v1``, ``resnet50_v2``, ``revnet50``, ``vgg19``.
 * ``build_resnet`` - ResNet50 v1 and v2 (and the v2 "(-)" variant without the
   final ReLU) with widening factor k (reference 5.1).
+* ``build_revnet`` - RevNet50 (reference 5.2), with an invertible unit and
+  memory-saving reversible backpropagation.
+* ``build_vgg19`` - VGG19 with batch norm (reference 5.3); it also has
+  ``block5`` and ``fc6`` endpoints and no ``after_root``.
 """
 
+from revisit_tf.models.factory import ARCHITECTURES, build_trunk
 from revisit_tf.models.resnet import ENDPOINTS, build_resnet, count_params
+from revisit_tf.models.revnet import build_revnet
+from revisit_tf.models.vgg import build_vgg19
 
-__all__ = ["ENDPOINTS", "build_resnet", "count_params"]
+__all__ = [
+    "ARCHITECTURES",
+    "ENDPOINTS",
+    "build_resnet",
+    "build_revnet",
+    "build_trunk",
+    "build_vgg19",
+    "count_params",
+]

@@ -16,17 +16,24 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 
 import keras
 
-from revisit_tf.models import resnet
+from revisit_tf.models import resnet, revnet, vgg
 
 # Architecture name -> (builder, fixed keyword arguments).
 _ARCHITECTURES: dict[str, tuple[Callable[..., keras.Model], dict]] = {
     "resnet50_v1": (resnet.build_resnet, {"version": "v1"}),
     "resnet50_v2": (resnet.build_resnet, {"version": "v2"}),
+    "revnet50": (revnet.build_revnet, {}),
+    "vgg19": (vgg.build_vgg19, {}),
 }
+# Options that VGG19 does not have and ignores, as the original factory
+# ignores the patch-task strides for VGG (reference 5.3, 5.5); ignoring `units`
+# too lets one config (e.g. smoke.gin's units) serve every trunk.
+_IGNORED_BY_VGG = ("units", "stem_stride", "strides")
 ARCHITECTURES = tuple(_ARCHITECTURES)
 
 
@@ -56,9 +63,10 @@ def build_trunk(
     """Builds the trunk named ``architecture`` (reference 5.5).
 
     Options a trunk does not have are rejected when set to a non-default value
-    (e.g. ``units`` for VGG19), except the stride options, which VGG ignores as
+    (e.g. ``memory_saving`` for ResNet), except ``units``, ``stem_stride``,
+    ``strides`` and ``patch_variant``, which VGG19 ignores (with a log line) as
     the original factory does (reference 5.3: VGG "does not get the patch-task
-    stride changes").
+    stride changes"), so one gin file can switch between all four trunks.
 
     Args:
         architecture: one of ``ARCHITECTURES``: ``resnet50_v1``,
@@ -135,8 +143,9 @@ def build_trunk(
         if key in accepted:
             if value is not None:
                 kwargs[key] = value
-        elif key in ("stem_stride", "strides"):
-            continue  # VGG: no stem or stage strides (reference 5.3)
+        elif key in _IGNORED_BY_VGG:
+            if value is not None:
+                logging.info("%s: no option %s, ignoring %r.", architecture, key, value)
         elif value != defaults.get(key, value):
             raise ValueError(
                 f"Architecture {architecture!r} has no option {key!r} "

@@ -5,10 +5,13 @@ Contract: small plain functions that create *built-in* Keras layers only
 built from them is an ordinary functional model that serializes with
 ``get_config``/``from_config`` and ``.keras`` files without custom objects.
 
-Place in the data flow: stage 3 (models). The trunk builders (``resnet.py``;
-later RevNet and VGG) call these helpers; nothing outside ``revisit_tf.models``
-needs them. All tensors are NHWC (``channels_last`` is set explicitly so the
-global Keras image-data-format setting cannot change the layout).
+Place in the data flow: stage 3 (models). The trunk builders (``resnet.py``,
+``revnet.py``, ``vgg.py``) call these helpers; nothing outside
+``revisit_tf.models`` needs them. Every helper takes the layout explicitly
+(``data_format``: ``channels_last`` by default, ``channels_first`` for GPUs
+that prefer NCHW), so the global Keras image-data-format setting cannot change
+it, and a ``dtype`` (a Keras dtype policy name such as ``mixed_bfloat16``, or
+None for float32), so the global Keras dtype policy cannot change it either.
 
 Conventions shared by all trunks (reference ``original-system.md`` section 5,
 "Common building blocks", and section 6):
@@ -29,6 +32,46 @@ import keras
 BN_MOMENTUM = 0.99
 BN_EPSILON = 1e-3
 DATA_FORMAT = "channels_last"
+DATA_FORMATS = ("channels_last", "channels_first")
+DTYPE_POLICIES = ("float32", "float64", "mixed_float16", "mixed_bfloat16")
+
+
+def check_data_format(data_format: str) -> str:
+    """Returns ``data_format`` or raises a ValueError naming the choices."""
+    if data_format not in DATA_FORMATS:
+        raise ValueError(
+            f"data_format must be one of {DATA_FORMATS}, got {data_format!r}."
+        )
+    return data_format
+
+
+def check_dtype_policy(dtype_policy: str | None) -> str | None:
+    """Returns ``dtype_policy`` or raises a ValueError naming the choices.
+
+    None keeps Keras' global dtype policy (float32 unless changed, e.g. to
+    float64 for exact parity tests). ``mixed_float16`` (GPUs) and
+    ``mixed_bfloat16`` (TPUs, recent CPUs/GPUs) keep variables in float32 and
+    compute in 16 bits; the builders keep the pool, the logits layer and the
+    returned endpoints in float32 (``head_dtype``).
+    """
+    if dtype_policy is not None and dtype_policy not in DTYPE_POLICIES:
+        raise ValueError(
+            f"dtype_policy must be None or one of {DTYPE_POLICIES}, "
+            f"got {dtype_policy!r}."
+        )
+    return dtype_policy
+
+
+def head_dtype(dtype_policy: str | None) -> str | None:
+    """The policy of the head and the endpoints: float32 under mixed precision."""
+    if dtype_policy is not None and dtype_policy.startswith("mixed_"):
+        return "float32"
+    return dtype_policy
+
+
+def channel_axis(data_format: str) -> int:
+    """The channel axis of a rank-4 tensor: -1 (NHWC) or 1 (NCHW)."""
+    return -1 if check_data_format(data_format) == "channels_last" else 1
 
 
 def fixed_padding_amounts(kernel_size: int) -> tuple[int, int]:
@@ -76,7 +119,13 @@ def l2_regularizer(weight_decay: float) -> keras.regularizers.Regularizer | None
     return keras.regularizers.L2(weight_decay / 2)
 
 
-def make_batchnorm(*, name: str, synchronized: bool = False) -> keras.layers.Layer:
+def make_batchnorm(
+    *,
+    name: str,
+    synchronized: bool = False,
+    data_format: str = DATA_FORMAT,
+    dtype: str | None = None,
+) -> keras.layers.Layer:
     """Creates the trunks' batch-normalization layer.
 
     Args:
@@ -86,19 +135,23 @@ def make_batchnorm(*, name: str, synchronized: bool = False) -> keras.layers.Lay
             mean and variance are all-reduced over the replicas at each
             training step (TensorFlow backend only). Outside a strategy it
             behaves like ordinary batch norm.
+        data_format: layout of the inputs (sets the channel axis).
+        dtype: Keras dtype policy name (None: float32). Keras computes the
+            statistics in float32 whatever the policy.
 
     Returns:
-        A ``BatchNormalization`` layer over the last (channel) axis with
+        A ``BatchNormalization`` layer over the channel axis with
         momentum 0.99 and epsilon 1e-3 (reference section 5); its scale and
         offset are not regularized (reference section 6).
     """
     return keras.layers.BatchNormalization(
-        axis=-1,
+        axis=channel_axis(data_format),
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,
         center=True,
         scale=True,
         synchronized=synchronized,
+        dtype=check_dtype_policy(dtype),
         name=name,
     )
 
@@ -112,6 +165,8 @@ def apply_conv(
     name: str,
     weight_decay: float = 0.0,
     pad_name: str | None = None,
+    data_format: str = DATA_FORMAT,
+    dtype: str | None = None,
 ) -> keras.KerasTensor:
     """Applies a bias-free 2-D convolution with the original's fixed padding.
 
@@ -133,6 +188,9 @@ def apply_conv(
         pad_name: name of the padding layer; giving one forces the explicit
             ``ZeroPadding2D`` even where "same" would be equivalent, so that a
             layer of that name always exists (used by the stems).
+        data_format: ``channels_last`` (shapes as written here) or
+            ``channels_first`` (``[N, C, H, W]``).
+        dtype: Keras dtype policy name (None: float32).
 
     Returns:
         ``[N, ceil(H / s), ceil(W / s), F]`` (for odd ``K``).
@@ -147,10 +205,12 @@ def apply_conv(
         explicit = False
     else:
         explicit = stride > 1 or before != after
+    dtype = check_dtype_policy(dtype)
     if explicit:
         x = keras.layers.ZeroPadding2D(
             padding=((before, after), (before, after)),
-            data_format=DATA_FORMAT,
+            data_format=check_data_format(data_format),
+            dtype=dtype,
             name=pad_name or f"{name}_pad",
         )(x)
     return keras.layers.Conv2D(
@@ -158,9 +218,106 @@ def apply_conv(
         kernel_size,
         strides=stride,
         padding="valid" if explicit or kernel_size == 1 else "same",
-        data_format=DATA_FORMAT,
+        data_format=check_data_format(data_format),
+        dtype=dtype,
         use_bias=False,
         kernel_initializer="glorot_uniform",
         kernel_regularizer=l2_regularizer(weight_decay),
         name=name,
+    )(x)
+
+
+def apply_stem_pool(
+    x: keras.KerasTensor,
+    *,
+    data_format: str = DATA_FORMAT,
+    dtype: str | None = None,
+) -> keras.KerasTensor:
+    """The stems' 3x3 max pool, stride 2, after zero padding 1/1 (reference 5.1).
+
+    Zero padding (not -inf) as in the original (reference 11.2 item 19): when
+    the pooled values can be negative (ResNet v2, RevNet: no ReLU before the
+    pool) a border zero can win the max; and the window placement (1 before,
+    1 after) differs from Keras ``"same"`` on even sizes. Layers
+    ``root_pool_pad`` and ``root_pool``.
+
+    Returns:
+        ``[N, ceil(H / 2), ceil(W / 2), C]`` (in ``data_format``).
+    """
+    before, after = fixed_padding_amounts(3)
+    dtype = check_dtype_policy(dtype)
+    x = keras.layers.ZeroPadding2D(
+        padding=((before, after), (before, after)),
+        data_format=data_format,
+        dtype=dtype,
+        name="root_pool_pad",
+    )(x)
+    return keras.layers.MaxPooling2D(
+        pool_size=3,
+        strides=2,
+        padding="valid",
+        data_format=data_format,
+        dtype=dtype,
+        name="root_pool",
+    )(x)
+
+
+def to_layout(
+    image: keras.KerasTensor, *, data_format: str, dtype: str | None
+) -> keras.KerasTensor:
+    """Moves the NHWC model input to the trunk's layout (``channels_first``: NCHW).
+
+    The trunks' inputs and returned endpoints are always NHWC (the contract of
+    ``revisit_tf.models``); ``data_format`` only changes the layout inside the
+    trunk, at the cost of one transpose in and one per returned feature map.
+    """
+    if check_data_format(data_format) == "channels_last":
+        return image
+    return keras.layers.Permute(
+        (3, 1, 2), dtype=check_dtype_policy(dtype), name="to_channels_first"
+    )(image)
+
+
+def as_endpoint(
+    x: keras.KerasTensor, *, name: str, data_format: str, dtype: str | None
+) -> keras.KerasTensor:
+    """Returns a feature-map endpoint as NHWC float32 ``[N, h, w, c]``.
+
+    In the default configuration (``channels_last``, float32) this adds no
+    layer. Otherwise an NCHW map is transposed back (``{name}_nhwc``) and a
+    16-bit map is cast to float32 (``{name}_float32``), so consumers (heads,
+    export, probes) see the same endpoints whatever the trunk's layout and
+    precision.
+    """
+    if check_data_format(data_format) == "channels_first":
+        x = keras.layers.Permute((2, 3, 1), dtype=dtype, name=f"{name}_nhwc")(x)
+    if head_dtype(dtype) != dtype:
+        x = keras.layers.Activation(
+            "linear", dtype=head_dtype(dtype), name=f"{name}_float32"
+        )(x)
+    return x
+
+
+def apply_logits(
+    x: keras.KerasTensor,
+    *,
+    num_classes: int,
+    weight_decay: float,
+    dtype: str | None = None,
+) -> keras.KerasTensor:
+    """The trunks' final layer: ``[N, C] -> [N, num_classes]``, always float32.
+
+    A dense layer with bias (the original's 1x1 convolution on the pooled
+    features has the same parameters, reference 5.1-5.3), kernel with
+    ``L2(weight_decay / 2)``, bias unregularized (reference 6), layer
+    ``logits``. Float32 under mixed precision (keras-hub's ``head_dtype``).
+    """
+    return keras.layers.Dense(
+        num_classes,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=l2_regularizer(weight_decay),
+        dtype=head_dtype(dtype),
+        name="logits",
     )(x)

@@ -27,18 +27,24 @@ objects. The versions differ in the unit function (``_UNIT_FNS``), the stem
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
 
+from revisit_tf.models import checks
 from revisit_tf.models.layers import (
     DATA_FORMAT,
     apply_conv,
-    fixed_padding_amounts,
-    l2_regularizer,
+    apply_logits,
+    apply_stem_pool,
+    as_endpoint,
+    channel_axis,
+    check_data_format,
+    check_dtype_policy,
+    head_dtype,
     make_batchnorm,
+    to_layout,
 )
 
 # Endpoint names of the paper code (reference section 5.4), in data-flow order.
@@ -63,6 +69,8 @@ def apply_bottleneck_v1(
     name: str,
     weight_decay: float = 1e-4,
     sync_batchnorm: bool = False,
+    data_format: str = DATA_FORMAT,
+    dtype: str | None = None,
 ) -> keras.KerasTensor:
     """Applies one ResNet v1 bottleneck unit (reference section 5.1).
 
@@ -85,6 +93,8 @@ def apply_bottleneck_v1(
         weight_decay: original weight-decay factor; every kernel gets
             ``L2(weight_decay / 2)`` (reference section 6).
         sync_batchnorm: use synchronized batch norm across replicas.
+        data_format: layout of ``x`` (shapes here are written NHWC).
+        dtype: Keras dtype policy name (None: float32).
 
     Returns:
         ``[N, ceil(H / s), ceil(W / s), F]``.
@@ -93,20 +103,33 @@ def apply_bottleneck_v1(
         ValueError: if ``filters`` is not a positive multiple of 4, ``stride``
             is not a positive int, or ``C`` is unknown.
     """
-    in_channels, inner = _check_unit_args(x, filters=filters, stride=stride, name=name)
+    in_channels, inner = _check_unit_args(
+        x, filters=filters, stride=stride, name=name, data_format=data_format
+    )
 
     def bn(t: keras.KerasTensor, suffix: str) -> keras.KerasTensor:
-        return make_batchnorm(name=f"{name}_{suffix}", synchronized=sync_batchnorm)(t)
+        return make_batchnorm(
+            name=f"{name}_{suffix}",
+            synchronized=sync_batchnorm,
+            data_format=data_format,
+            dtype=dtype,
+        )(t)
+
+    def conv(t: keras.KerasTensor, suffix: str, **kwargs) -> keras.KerasTensor:
+        return apply_conv(
+            t,
+            name=f"{name}_{suffix}",
+            weight_decay=weight_decay,
+            data_format=data_format,
+            dtype=dtype,
+            **kwargs,
+        )
+
+    def relu(t: keras.KerasTensor, suffix: str) -> keras.KerasTensor:
+        return keras.layers.ReLU(dtype=dtype, name=f"{name}_{suffix}")(t)
 
     if stride > 1 or in_channels != filters:
-        shortcut = apply_conv(
-            x,
-            filters=filters,
-            kernel_size=1,
-            stride=stride,
-            name=f"{name}_proj_conv",
-            weight_decay=weight_decay,
-        )
+        shortcut = conv(x, "proj_conv", filters=filters, kernel_size=1, stride=stride)
         shortcut = bn(shortcut, "proj_bn")
     else:
         shortcut = x
@@ -116,13 +139,13 @@ def apply_bottleneck_v1(
         inner=inner,
         filters=filters,
         stride=stride,
-        name=name,
-        weight_decay=weight_decay,
         bn=bn,
+        conv=conv,
+        relu=relu,
     )
     y = bn(y, "bn3")
-    y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
-    return keras.layers.ReLU(name=f"{name}_out")(y)
+    y = keras.layers.Add(dtype=dtype, name=f"{name}_add")([y, shortcut])
+    return relu(y, "out")
 
 
 def apply_bottleneck_v2(
@@ -133,6 +156,8 @@ def apply_bottleneck_v2(
     name: str,
     weight_decay: float = 1e-4,
     sync_batchnorm: bool = False,
+    data_format: str = DATA_FORMAT,
+    dtype: str | None = None,
 ) -> keras.KerasTensor:
     """Applies one ResNet v2 (pre-activation) bottleneck unit (reference 5.1).
 
@@ -156,6 +181,8 @@ def apply_bottleneck_v2(
         weight_decay: original weight-decay factor; every kernel gets
             ``L2(weight_decay / 2)`` (reference section 6).
         sync_batchnorm: use synchronized batch norm across replicas.
+        data_format: layout of ``x`` (shapes here are written NHWC).
+        dtype: Keras dtype policy name (None: float32).
 
     Returns:
         ``[N, ceil(H / s), ceil(W / s), F]``, the raw residual sum.
@@ -164,22 +191,35 @@ def apply_bottleneck_v2(
         ValueError: if ``filters`` is not a positive multiple of 4, ``stride``
             is not a positive int, or ``C`` is unknown.
     """
-    in_channels, inner = _check_unit_args(x, filters=filters, stride=stride, name=name)
+    in_channels, inner = _check_unit_args(
+        x, filters=filters, stride=stride, name=name, data_format=data_format
+    )
 
     def bn(t: keras.KerasTensor, suffix: str) -> keras.KerasTensor:
-        return make_batchnorm(name=f"{name}_{suffix}", synchronized=sync_batchnorm)(t)
+        return make_batchnorm(
+            name=f"{name}_{suffix}",
+            synchronized=sync_batchnorm,
+            data_format=data_format,
+            dtype=dtype,
+        )(t)
+
+    def conv(t: keras.KerasTensor, suffix: str, **kwargs) -> keras.KerasTensor:
+        return apply_conv(
+            t,
+            name=f"{name}_{suffix}",
+            weight_decay=weight_decay,
+            data_format=data_format,
+            dtype=dtype,
+            **kwargs,
+        )
+
+    def relu(t: keras.KerasTensor, suffix: str) -> keras.KerasTensor:
+        return keras.layers.ReLU(dtype=dtype, name=f"{name}_{suffix}")(t)
 
     a = bn(x, "preact_bn")
-    a = keras.layers.ReLU(name=f"{name}_preact_relu")(a)
+    a = relu(a, "preact_relu")
     if stride > 1 or in_channels != filters:
-        shortcut = apply_conv(
-            a,
-            filters=filters,
-            kernel_size=1,
-            stride=stride,
-            name=f"{name}_proj_conv",
-            weight_decay=weight_decay,
-        )
+        shortcut = conv(a, "proj_conv", filters=filters, kernel_size=1, stride=stride)
     else:
         shortcut = x
 
@@ -188,11 +228,11 @@ def apply_bottleneck_v2(
         inner=inner,
         filters=filters,
         stride=stride,
-        name=name,
-        weight_decay=weight_decay,
         bn=bn,
+        conv=conv,
+        relu=relu,
     )
-    return keras.layers.Add(name=f"{name}_add")([y, shortcut])
+    return keras.layers.Add(dtype=dtype, name=f"{name}_add")([y, shortcut])
 
 
 def _apply_bottleneck_main(
@@ -201,43 +241,33 @@ def _apply_bottleneck_main(
     inner: int,
     filters: int,
     stride: int,
-    name: str,
-    weight_decay: float,
     bn: Callable[[keras.KerasTensor, str], keras.KerasTensor],
+    conv: Callable[..., keras.KerasTensor],
+    relu: Callable[[keras.KerasTensor, str], keras.KerasTensor],
 ) -> keras.KerasTensor:
     """The main path shared by v1 and v2 (reference 5.1), up to the last conv.
 
     1x1 conv to ``inner`` + BN + ReLU; 3x3 conv to ``inner`` with stride
     ``stride`` (fixed padding) + BN + ReLU; 1x1 conv to ``filters``. v1 adds a
-    BN after it, v2 does not.
+    BN after it, v2 does not. ``bn(t, suffix)``, ``conv(t, suffix, ...)`` and
+    ``relu(t, suffix)`` create the unit's named layers.
     """
-    y = apply_conv(
-        x, filters=inner, kernel_size=1, name=f"{name}_conv1", weight_decay=weight_decay
-    )
+    y = conv(x, "conv1", filters=inner, kernel_size=1)
     y = bn(y, "bn1")
-    y = keras.layers.ReLU(name=f"{name}_relu1")(y)
-    y = apply_conv(
-        y,
-        filters=inner,
-        kernel_size=3,
-        stride=stride,
-        name=f"{name}_conv2",
-        weight_decay=weight_decay,
-    )
+    y = relu(y, "relu1")
+    y = conv(y, "conv2", filters=inner, kernel_size=3, stride=stride)
     y = bn(y, "bn2")
-    y = keras.layers.ReLU(name=f"{name}_relu2")(y)
-    y = apply_conv(
-        y,
-        filters=filters,
-        kernel_size=1,
-        name=f"{name}_conv3",
-        weight_decay=weight_decay,
-    )
-    return y
+    y = relu(y, "relu2")
+    return conv(y, "conv3", filters=filters, kernel_size=1)
 
 
 def _check_unit_args(
-    x: keras.KerasTensor, *, filters: int, stride: int, name: str
+    x: keras.KerasTensor,
+    *,
+    filters: int,
+    stride: int,
+    name: str,
+    data_format: str = DATA_FORMAT,
 ) -> tuple[int, int]:
     """Validates bottleneck arguments; returns (input channels, inner width)."""
     if (
@@ -250,9 +280,9 @@ def _check_unit_args(
             f"filters must be a positive multiple of {_BOTTLENECK_DIVISOR}, "
             f"got {filters!r} (unit {name!r})."
         )
-    if not _is_positive_int(stride):
+    if not checks.is_positive_int(stride):
         raise ValueError(f"stride must be a positive int, got {stride!r}.")
-    in_channels = x.shape[-1]
+    in_channels = x.shape[channel_axis(data_format)]
     if in_channels is None:
         raise ValueError(f"Unit {name!r} needs a known channel count, got {x.shape}.")
     return in_channels, filters // _BOTTLENECK_DIVISOR
@@ -278,6 +308,8 @@ def build_resnet(
     last_relu: bool = True,
     weight_decay: float = 1e-4,
     sync_batchnorm: bool = False,
+    data_format: str = DATA_FORMAT,
+    dtype_policy: str | None = None,
     name: str | None = None,
 ) -> keras.Model:
     """Builds a ResNet (default: ResNet50 v1, k = 4) trunk with named endpoints.
@@ -325,6 +357,16 @@ def build_resnet(
         sync_batchnorm: use ``BatchNormalization(synchronized=True)``, which
             all-reduces batch statistics over the replicas of a
             ``tf.distribute`` strategy (TensorFlow backend).
+        data_format: layout inside the trunk, ``"channels_last"`` (NHWC, best
+            on CPUs/TPUs) or ``"channels_first"`` (NCHW, often faster on
+            GPUs with cuDNN). The input and the returned feature maps are NHWC
+            either way (one transpose in, one per feature-map endpoint out).
+        dtype_policy: None (float32), ``"mixed_float16"`` or
+            ``"mixed_bfloat16"``: variables stay float32, the trunk computes in
+            16 bits; the global pool, the logits layer and every returned
+            endpoint are float32 (keras-hub's ``head_dtype`` rule), so losses
+            and probes see float32. ``mixed_float16`` needs loss scaling,
+            which the training loop applies.
         name: model name; defaults to ``"resnet{depth}_{version}"`` with
             ``depth = 3 * sum(units) + 2`` (so ``"resnet50_v1"`` or
             ``"resnet50_v2"``).
@@ -352,40 +394,30 @@ def build_resnet(
             "section 11.2, item 20)."
         )
     stem_channels, stage_channels = _channel_counts(width)
-    units = _check_four_positive_ints(units, "units")
-    strides = _check_four_positive_ints(strides, "strides")
-    if not _is_positive_int(stem_stride):
-        raise ValueError(f"stem_stride must be a positive int, got {stem_stride!r}.")
-    if num_classes is not None and not _is_positive_int(num_classes):
-        raise ValueError(
-            f"num_classes must be a positive int or None, got {num_classes!r}."
-        )
-    input_shape = _check_input_shape(input_shape)
-    if (
-        isinstance(weight_decay, bool)
-        or not isinstance(weight_decay, (int, float))
-        or not math.isfinite(weight_decay)
-        or weight_decay < 0
-    ):
-        raise ValueError(
-            f"weight_decay must be a finite float >= 0, got {weight_decay!r}."
-        )
-    if name is None:
-        name = f"resnet{3 * sum(units) + 2}_{version}"
-    elif not isinstance(name, str) or not name or "/" in name:
-        raise ValueError(f"name must be a non-empty str without '/', got {name!r}.")
+    units = checks.check_four_positive_ints(units, "units")
+    strides = checks.check_four_positive_ints(strides, "strides")
+    stem_stride = checks.check_positive_int(stem_stride, "stem_stride")
+    num_classes = checks.check_num_classes(num_classes)
+    input_shape = checks.check_input_shape(input_shape)
+    data_format = check_data_format(data_format)
+    dtype = check_dtype_policy(dtype_policy)
+    weight_decay = checks.check_weight_decay(weight_decay)
+    name = checks.check_name(name, f"resnet{3 * sum(units) + 2}_{version}")
 
     inputs = keras.Input(shape=input_shape, name="image")  # [N, H, W, C]
+    layout = {"data_format": data_format, "dtype": dtype}
     endpoints = {}
     x = _apply_root(
-        inputs,
+        to_layout(inputs, **layout),
         version=version,
         filters=stem_channels,
         stride=stem_stride,
         weight_decay=weight_decay,
         sync_batchnorm=sync_batchnorm,
+        **layout,
     )
-    endpoints["after_root"] = x  # [N, ceil(H / 2s0), ceil(W / 2s0), 16k]
+    # [N, ceil(H / 2s0), ceil(W / 2s0), 16k]
+    endpoints["after_root"] = as_endpoint(x, name="after_root", **layout)
 
     unit_fn = _UNIT_FNS[version]
     for i, (num_units, stride, filters) in enumerate(
@@ -399,26 +431,55 @@ def build_resnet(
                 name=f"block{i}_unit{j}",
                 weight_decay=weight_decay,
                 sync_batchnorm=sync_batchnorm,
+                **layout,
             )
-        endpoints[f"block{i}"] = x  # [N, h_i, w_i, 64k * 2**(i-1)]
+        # [N, h_i, w_i, 64k * 2**(i-1)]
+        endpoints[f"block{i}"] = as_endpoint(x, name=f"block{i}", **layout)
 
-    x = _apply_head(
-        x, version=version, last_relu=last_relu, sync_batchnorm=sync_batchnorm
+    x = apply_head_norm(
+        x,
+        version=version,
+        last_relu=last_relu,
+        sync_batchnorm=sync_batchnorm,
+        **layout,
     )
-    x = keras.layers.GlobalAveragePooling2D(data_format=DATA_FORMAT, name="pre_logits")(
-        x
+    endpoints.update(
+        pool_and_classify(
+            x,
+            num_classes=num_classes,
+            weight_decay=weight_decay,
+            data_format=data_format,
+            dtype=dtype,
+        )
     )
-    endpoints["pre_logits"] = x  # [N, 512k]
-    if num_classes is not None:
-        endpoints["logits"] = keras.layers.Dense(
-            num_classes,
-            use_bias=True,
-            kernel_initializer="glorot_uniform",
-            bias_initializer="zeros",
-            kernel_regularizer=l2_regularizer(weight_decay),
-            name="logits",
-        )(x)  # [N, num_classes]
     return keras.Model(inputs=inputs, outputs=endpoints, name=name)
+
+
+def pool_and_classify(
+    x: keras.KerasTensor,
+    *,
+    num_classes: int | None,
+    weight_decay: float,
+    data_format: str = DATA_FORMAT,
+    dtype: str | None = None,
+) -> dict[str, keras.KerasTensor]:
+    """The float32 head shared by ResNet and RevNet (reference 5.1, 5.2).
+
+    Global average pool -> ``pre_logits [N, C]``; if ``num_classes`` is given,
+    a dense layer with bias -> ``logits [N, num_classes]`` (the original's 1x1
+    convolution on the pooled features has the same parameters). Both layers
+    are float32 whatever the trunk's dtype policy, so mixed precision keeps the
+    pooled features and the logits in full precision.
+    """
+    pooled = keras.layers.GlobalAveragePooling2D(
+        data_format=data_format, dtype=head_dtype(dtype), name="pre_logits"
+    )(x)
+    out = {"pre_logits": pooled}  # [N, C]
+    if num_classes is not None:
+        out["logits"] = apply_logits(
+            pooled, num_classes=num_classes, weight_decay=weight_decay, dtype=dtype
+        )  # [N, num_classes]
+    return out
 
 
 def count_params(model: keras.Model) -> int:
@@ -439,6 +500,8 @@ def _apply_root(
     stride: int,
     weight_decay: float,
     sync_batchnorm: bool,
+    data_format: str,
+    dtype: str,
 ) -> keras.KerasTensor:
     """Stem (reference 5.1): ``[N, H, W, C] -> [N, ceil(H/2s), ceil(W/2s), F]``.
 
@@ -453,35 +516,32 @@ def _apply_root(
         name="root_conv",
         weight_decay=weight_decay,
         pad_name="root_pad",
+        data_format=data_format,
+        dtype=dtype,
     )
     if version == "v1":
-        x = make_batchnorm(name="root_bn", synchronized=sync_batchnorm)(x)
-        x = keras.layers.ReLU(name="root_relu")(x)
+        x = make_batchnorm(
+            name="root_bn",
+            synchronized=sync_batchnorm,
+            data_format=data_format,
+            dtype=dtype,
+        )(x)
+        x = keras.layers.ReLU(dtype=dtype, name="root_relu")(x)
     elif version != "v2":
         raise ValueError(
             f"Unknown ResNet version {version!r}; expected one of {VERSIONS}."
         )
-    # Zero padding (not -inf) before the pool, as in the original (reference
-    # 11.2 item 19). For v2 the conv outputs can be negative, so a border zero
-    # can win the max; for v1 the inputs are post-ReLU, but the window placement
-    # (1 before, 1 after) still differs from Keras "same" on even sizes.
-    before, after = fixed_padding_amounts(3)
-    x = keras.layers.ZeroPadding2D(
-        padding=((before, after), (before, after)),
-        data_format=DATA_FORMAT,
-        name="root_pool_pad",
-    )(x)
-    return keras.layers.MaxPooling2D(
-        pool_size=3,
-        strides=2,
-        padding="valid",
-        data_format=DATA_FORMAT,
-        name="root_pool",
-    )(x)
+    return apply_stem_pool(x, data_format=data_format, dtype=dtype)
 
 
-def _apply_head(
-    x: keras.KerasTensor, *, version: str, last_relu: bool, sync_batchnorm: bool
+def apply_head_norm(
+    x: keras.KerasTensor,
+    *,
+    version: str,
+    last_relu: bool,
+    sync_batchnorm: bool,
+    data_format: str,
+    dtype: str,
 ) -> keras.KerasTensor:
     """Layers between ``block4`` and the pool (reference 5.1).
 
@@ -491,34 +551,16 @@ def _apply_head(
     if version == "v1":
         return x
     if version == "v2":
-        x = make_batchnorm(name="post_bn", synchronized=sync_batchnorm)(x)
+        x = make_batchnorm(
+            name="post_bn",
+            synchronized=sync_batchnorm,
+            data_format=data_format,
+            dtype=dtype,
+        )(x)
         if last_relu:
-            x = keras.layers.ReLU(name="post_relu")(x)
+            x = keras.layers.ReLU(dtype=dtype, name="post_relu")(x)
         return x
     raise ValueError(f"Unknown ResNet version {version!r}; expected one of {VERSIONS}.")
-
-
-def _is_positive_int(value: object) -> bool:
-    return (
-        isinstance(value, (int, np.integer))
-        and not isinstance(value, bool)
-        and value > 0
-    )
-
-
-def _check_four_positive_ints(values: Sequence[int], arg: str) -> tuple[int, ...]:
-    """Returns ``values`` as a 4-tuple of ints or raises a ValueError."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise ValueError(
-            f"{arg} must be a sequence of 4 positive ints (one per stage), "
-            f"got {values!r}."
-        )
-    if len(values) != 4 or not all(_is_positive_int(v) for v in values):
-        raise ValueError(
-            f"{arg} must be a sequence of 4 positive ints (one per stage), "
-            f"got {tuple(values)!r}."
-        )
-    return tuple(int(v) for v in values)
 
 
 def _channel_counts(width: float) -> tuple[int, tuple[int, ...]]:
@@ -527,53 +569,10 @@ def _channel_counts(width: float) -> tuple[int, tuple[int, ...]]:
     Every count must be a positive integer: the stem ``16k``, the bottleneck
     widths ``16k * 2**i`` and the stage outputs ``64k * 2**i`` (reference 5.1).
     """
-    if (
-        isinstance(width, bool)
-        or not isinstance(width, (int, float, np.integer, np.floating))
-        or not math.isfinite(width)
-        or width <= 0
-    ):
-        raise ValueError(f"width must be a positive number, got {width!r}.")
     per_k = [("stem", _STEM_CHANNELS_PER_K)]
     for i, c in enumerate(_STAGE_CHANNELS_PER_K, start=1):
-        per_k.append((f"block{i} bottleneck", c // _BOTTLENECK_DIVISOR))
+        per_k.append((f"block{i} bottleneck", c / _BOTTLENECK_DIVISOR))
         per_k.append((f"block{i} output", c))
-    counts = {}
-    for what, base in per_k:
-        exact = base * float(width)
-        rounded = round(exact)
-        if rounded < 1 or abs(exact - rounded) > 1e-6:
-            raise ValueError(
-                f"width={width!r} gives a non-integer or zero channel count for "
-                f"the {what} ({base} * {width!r} = {exact!r}); choose a width "
-                f"whose multiple {_STEM_CHANNELS_PER_K} * width is a positive "
-                "integer."
-            )
-        counts[what] = rounded
+    counts = checks.scaled_channels(width, per_k)
     stages = tuple(counts[f"block{i} output"] for i in range(1, 5))
     return counts["stem"], stages
-
-
-def _check_input_shape(input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
-    """Checks ``(H, W, C)``: H, W positive ints or None, C a positive int."""
-    if (
-        isinstance(input_shape, (str, bytes))
-        or not isinstance(input_shape, Sequence)
-        or len(input_shape) != 3
-    ):
-        raise ValueError(
-            f"input_shape must be (height, width, channels), got {input_shape!r}."
-        )
-    h, w, c = input_shape
-    for dim_name, dim in (("height", h), ("width", w)):
-        if dim is not None and not _is_positive_int(dim):
-            raise ValueError(
-                f"input_shape {dim_name} must be a positive int or None, "
-                f"got {dim!r} in {tuple(input_shape)!r}."
-            )
-    if not _is_positive_int(c):
-        raise ValueError(
-            f"input_shape channels must be a known positive int, got {c!r} "
-            f"in {tuple(input_shape)!r}."
-        )
-    return tuple(None if d is None else int(d) for d in input_shape)
