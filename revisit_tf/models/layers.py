@@ -27,6 +27,7 @@ Conventions shared by all trunks (reference ``original-system.md`` section 5,
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 # Reference section 5, "Common building blocks": TF1 layer defaults.
 BN_MOMENTUM = 0.99
@@ -119,6 +120,100 @@ def l2_regularizer(weight_decay: float) -> keras.regularizers.Regularizer | None
     return keras.regularizers.L2(weight_decay / 2)
 
 
+@keras.saving.register_keras_serializable(package="revisit_tf")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """``keras.layers.BatchNormalization`` with TensorFlow's fused kernel in training.
+
+    Keras 3 normalises with ``tf.nn.moments`` + ``tf.nn.batch_normalization``,
+    about ten elementwise passes forward and more backward. In training mode,
+    for NHWC inputs without a mask, this layer calls ``FusedBatchNormV3``
+    (one pass each way, as TF1's ``tf.layers.batch_normalization(fused=True)``
+    of the original release), then updates the moving statistics exactly as
+    Keras does, with the biased batch variance (the fused kernel returns the
+    unbiased one, so it is rescaled by ``(n - 1) / n``). Everything else (the
+    synchronized cross-replica path when a strategy has several replicas,
+    NCHW, inference, masks) is Keras' own code, and the variables, config and
+    checkpoints are those of the Keras layer. ``revisit-benchmark trunks``
+    measures the effect.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if training and self.trainable and mask is None and not self.renorm:
+            return self.normalize_in_training(inputs)
+        return super().call(inputs, training=training, mask=mask)
+
+    def normalize_in_training(self, inputs, update_statistics: bool = True):
+        """Training-mode normalisation with batch statistics.
+
+        Args:
+            inputs: ``[N, ..., C]`` (or channels first).
+            update_statistics: also update the moving mean and variance (the
+                forward pass does; a recomputation, such as RevNet's
+                reversible backward pass, does not). Either way the output is
+                computed by the same kernel, so a recomputation is bit-exact.
+
+        Returns:
+            The normalised, scaled and shifted ``inputs`` in the layer's
+            compute dtype.
+        """
+        if self._can_fuse(inputs, None):
+            x = inputs
+            if x.dtype not in (tf.float16, tf.bfloat16, tf.float32):
+                x = tf.cast(x, tf.float32)
+            y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+                x=x,
+                scale=tf.cast(self.gamma, tf.float32),
+                offset=tf.cast(self.beta, tf.float32),
+                mean=tf.constant([], tf.float32),
+                variance=tf.constant([], tf.float32),
+                epsilon=self.epsilon,
+                data_format="NHWC",
+                is_training=True,
+            )
+            shape = tf.shape(x)
+            n = tf.cast(shape[0] * shape[1] * shape[2], tf.float32)
+            variance = variance * tf.maximum(n - 1.0, 0.0) / n  # -> biased
+        else:
+            # Keras' own training computation (synchronized moments included).
+            dtype = keras.backend.result_type(inputs.dtype, "float32")
+            x = keras.ops.cast(inputs, dtype)
+            mean, variance = self._moments(x, None)
+            y = keras.ops.batch_normalization(
+                x=x,
+                mean=mean,
+                variance=variance,
+                axis=self.axis,
+                offset=keras.ops.cast(self.beta, x.dtype),
+                scale=keras.ops.cast(self.gamma, x.dtype),
+                epsilon=self.epsilon,
+            )
+        if update_statistics:
+            m = self.momentum
+            self.moving_mean.assign(
+                keras.ops.cast(self.moving_mean, mean.dtype) * m + mean * (1.0 - m)
+            )
+            self.moving_variance.assign(
+                keras.ops.cast(self.moving_variance, variance.dtype) * m
+                + variance * (1.0 - m)
+            )
+        return keras.ops.cast(y, self.compute_dtype)
+
+    def _can_fuse(self, inputs, mask) -> bool:
+        if (
+            mask is not None
+            or self.renorm
+            or not (self.center and self.scale)
+            or len(inputs.shape) != 4
+            or self.axis not in (-1, 3)
+            or inputs.dtype == tf.float64
+        ):
+            return False
+        if self.synchronized and tf.distribute.has_strategy():
+            # Cross-replica statistics need Keras' all-reduced moments.
+            return tf.distribute.get_strategy().num_replicas_in_sync == 1
+        return True
+
+
 def make_batchnorm(
     *,
     name: str,
@@ -130,21 +225,21 @@ def make_batchnorm(
 
     Args:
         name: layer name.
-        synchronized: if True, ``keras.layers.BatchNormalization(
-            synchronized=True)``: under a ``tf.distribute`` strategy the batch
-            mean and variance are all-reduced over the replicas at each
-            training step (TensorFlow backend only). Outside a strategy it
-            behaves like ordinary batch norm.
+        synchronized: if True, under a ``tf.distribute`` strategy with several
+            replicas the batch mean and variance are all-reduced over the
+            replicas at each training step (Keras' ``synchronized=True``,
+            TensorFlow backend). Outside a strategy it behaves like ordinary
+            batch norm.
         data_format: layout of the inputs (sets the channel axis).
-        dtype: Keras dtype policy name (None: float32). Keras computes the
-            statistics in float32 whatever the policy.
+        dtype: Keras dtype policy name (None: the global policy). The
+            statistics are computed in float32 whatever the policy.
 
     Returns:
-        A ``BatchNormalization`` layer over the channel axis with
-        momentum 0.99 and epsilon 1e-3 (reference section 5); its scale and
-        offset are not regularized (reference section 6).
+        A ``BatchNormalization`` (the fused subclass above) over the channel
+        axis with momentum 0.99 and epsilon 1e-3 (reference section 5); its
+        scale and offset are not regularized (reference section 6).
     """
-    return keras.layers.BatchNormalization(
+    return BatchNormalization(
         axis=channel_axis(data_format),
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,

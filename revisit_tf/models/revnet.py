@@ -183,7 +183,7 @@ class ReversibleUnit(keras.layers.Layer):
         y = x2
         for bn, conv in self._residual_layers:
             if training and not update_statistics:
-                y = _batchnorm_training_without_update(bn, y)
+                y = bn.normalize_in_training(y, update_statistics=False)
             else:
                 y = bn(y, training=training)
             y = conv(keras.ops.relu(y))
@@ -361,30 +361,6 @@ class ReversibleStage(keras.layers.Layer):
             data_format=self.data_format,
         )
         return config
-
-
-def _batchnorm_training_without_update(bn: keras.layers.BatchNormalization, x):
-    """``bn(x, training=True)`` without touching the moving statistics.
-
-    The same operations as Keras' ``BatchNormalization.call`` in training
-    (float32 moments, all-reduced across replicas when ``synchronized``), so
-    a recomputation gives the forward pass's values.
-    """
-    dtype = keras.backend.result_type(x.dtype, "float32")  # as Keras' BN
-    inputs = keras.ops.cast(x, dtype)
-    mean, variance = keras.ops.moments(
-        inputs, axes=bn._reduction_axes, synchronized=bn.synchronized
-    )
-    out = keras.ops.batch_normalization(
-        x=inputs,
-        mean=mean,
-        variance=variance,
-        axis=bn.axis,
-        offset=keras.ops.cast(bn.beta, dtype),
-        scale=keras.ops.cast(bn.gamma, dtype),
-        epsilon=bn.epsilon,
-    )
-    return keras.ops.cast(out, bn.compute_dtype)
 
 
 @keras.saving.register_keras_serializable(package="revisit_tf")
