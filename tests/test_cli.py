@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -256,3 +257,23 @@ def test_demo_switches_to_resnet_v2_minus_with_bindings(tmp_path):
     )
     with open(os.path.join(workdir, "train.log")) as f:
         assert "Model resnet14_v2" in f.read()
+
+
+@pytest.mark.parametrize(
+    "arch, model_name, endpoint",
+    [("revnet50", "revnet14", "after_root"), ("vgg19", "vgg19", "fc6")],
+)
+def test_demo_switches_trunk_with_one_binding(tmp_path, arch, model_name, endpoint):
+    """One binding trains and exports the demo with another trunk (issue 3)."""
+    workdir = str(tmp_path / arch)
+    cli.train_main(
+        ["--workdir", workdir, "--gin_file", DEMO, "--gin_file", "smoke.gin"]
+        + ["--gin_bindings", f"build_trunk.architecture = '{arch}'"]
+    )
+    with open(os.path.join(workdir, "train.log")) as f:
+        assert f"Model {model_name}" in f.read()
+    cli.export_main(["--workdir", workdir])
+    loaded = tf.saved_model.load(os.path.join(workdir, "export"))
+    out = loaded.signatures["representation"](images=tf.zeros([2, 28, 28, 1]))
+    assert endpoint in out and "pre_logits" in out
+    assert np.all(np.isfinite(out["pre_logits"].numpy()))
