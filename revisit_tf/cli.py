@@ -177,21 +177,29 @@ def export_main(argv: Sequence[str] | None = None) -> None:
 
 
 def probe_main(argv: Sequence[str] | None = None) -> None:
-    """``revisit-probe``: L-BFGS linear probe of the export (or of pixels)."""
+    """``revisit-probe``: probes of the export (or of pixels), from gin."""
     args = _parser("Linear probe (revisit_tf).").parse_args(argv)
     _setup_logging(args.workdir, "probe")
     parse_gin(args.gin_file, args.gin_bindings, workdir=args.workdir)
     rows = configurables.linear_probe(workdir=args.workdir)
-    print(experiments.tables.probe_table(rows))
+    print(experiments.tables.report_tables(rows))
 
 
 def report_main(argv: Sequence[str] | None = None) -> None:
-    """``revisit-report <workdir or results.jsonl>...``: markdown table."""
+    """``revisit-report <workdir or results.jsonl>... [--table KIND]``: markdown."""
     parser = argparse.ArgumentParser(description="Probe results as a table.")
     parser.add_argument("paths", nargs="+", help="Workdirs or results.jsonl files.")
     parser.add_argument("--output", help="Also write the table to this file.")
+    parser.add_argument(
+        "--table",
+        choices=experiments.tables.REPORT_KINDS,
+        default="auto",
+        help="probe: one line per result; endpoints: model x endpoint (Fig. 5); "
+        "subsets: model x fraction of labels (Fig. 7); auto (default): the "
+        "probe table plus each of the others with more than one column.",
+    )
     args = parser.parse_args(argv)
-    table = experiments.report(args.paths)
+    table = experiments.report(args.paths, kind=args.table)
     print(table)
     if args.output:
         _write_atomic(args.output, table + "\n")

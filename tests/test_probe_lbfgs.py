@@ -139,7 +139,7 @@ def test_one_trace_per_dtype_across_shapes_and_l2():
     rng = np.random.default_rng(4)
     x1, y1 = _gaussian_classes(rng, 50, 3, 3, spread=1.0)
     x2, y2 = _gaussian_classes(rng, 70, 6, 4, spread=1.0)
-    solver = lbfgs._compiled_solver(tf.float64)
+    solver = lbfgs._compiled_logit_solver(tf.float64)
     lbfgs.fit_logistic_regression(x1, y1, l2=0.1)
     traces = solver.experimental_get_tracing_count()
     lbfgs.fit_logistic_regression(x2, y2, l2=0.01, max_iterations=20)
@@ -295,3 +295,43 @@ def test_predict_rejects_wrong_feature_dimension():
     params = lbfgs.ProbeParams(np.zeros((3, 2)), np.zeros(2))
     with pytest.raises(ValueError, match="has 4 features per row; expected 3"):
         lbfgs.predict_logits(params, np.zeros((2, 4)))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(tf.float64, 1e-8), (tf.float32, 1e-4)])
+def test_logit_line_search_solver_matches_tfp_lbfgs_with_fewer_passes(dtype, tolerance):
+    rng = np.random.default_rng(11)
+    x, y = _gaussian_classes(rng, 1500, 24, 5, spread=0.4)
+    x = x.astype(dtype.as_numpy_dtype)
+    fits = {
+        solver: lbfgs.fit_logistic_regression(
+            x, y, l2=1e-3, tolerance=tolerance, dtype=dtype, solver=solver
+        )
+        for solver in lbfgs.SOLVERS
+    }
+    ours, tfp_fit = fits["lbfgs"], fits["tfp"]
+    assert ours.converged and tfp_fit.converged and not ours.failed
+    assert ours.solver == "lbfgs" and tfp_fit.solver == "tfp"
+    # Same method: same minimiser and (up to rounding) the same iterates.
+    assert abs(ours.iterations - tfp_fit.iterations) <= 2
+    assert ours.loss == pytest.approx(
+        tfp_fit.loss, rel=1e-6 if dtype == tf.float32 else 1e-12
+    )
+    atol = 1e-3 if dtype == tf.float32 else 1e-6
+    np.testing.assert_allclose(ours.weights, tfp_fit.weights, atol=atol)
+    # One full objective+gradient evaluation per iteration (plus the start),
+    # against about three for TFP; line-search trials are O(N C).
+    assert ours.function_evaluations == ours.iterations + 1
+    assert tfp_fit.function_evaluations > 2 * ours.iterations
+    assert ours.line_search_evaluations >= ours.iterations
+    # The reported loss is J at the returned point.
+    assert ours.loss == pytest.approx(
+        _numpy_objective(
+            ours.weights.astype(np.float64), ours.bias, x.astype(np.float64), y, 1e-3
+        ),
+        rel=1e-5 if dtype == tf.float32 else 1e-12,
+    )
+
+
+def test_unknown_solver_is_rejected():
+    with pytest.raises(ValueError, match=r"solver must be one of \('lbfgs', 'tfp'\)"):
+        lbfgs.fit_logistic_regression(_X, _Y, l2=0.1, solver="newton")

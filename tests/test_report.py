@@ -197,3 +197,74 @@ def test_probe_table_separates_workdirs_and_requires_keys():
     del bad["test_top1"]
     with pytest.raises(ValueError, match=r"row 1 lacks \['test_top1'\]"):
         tables.probe_table([_probe_row(), bad])
+
+
+def _fp_row(endpoint, top1, fingerprint="fp-a", **extra):
+    spec = {"protocol": "lbfgs", "settings": {"l2_grid": [0.1]}, "subset": 1.0}
+    spec.update(extra.pop("spec", {}))
+    return _probe_row(
+        endpoint=endpoint,
+        test_top1=top1,
+        fingerprint=fingerprint,
+        protocol_spec=spec,
+        **extra,
+    )
+
+
+def test_endpoint_table_orders_by_depth_and_marks_mixed_protocols():
+    rows = [
+        _fp_row("pre_logits", 0.50),
+        _fp_row("block3", 0.40),
+        _fp_row("block3", 0.45, model="random init"),
+        # Same column, another protocol: must be marked, not silently mixed.
+        _fp_row(
+            "pre_logits",
+            0.30,
+            "fp-b",
+            model="random init",
+            spec={"settings": {"l2_grid": [0.2]}},
+        ),
+    ]
+    text = tables.endpoint_table(rows)
+    lines = text.splitlines()
+    assert lines[0] == "| model | protocol | labels | block3 | pre_logits |"
+    assert lines[2] == "| rotation | lbfgs | 100% | 40.0 | 50.0 [a] |"
+    assert lines[3] == "| random init | lbfgs | 100% | 45.0 | 30.0 [b] |"
+    assert "Protocols differ within column pre_logits" in text
+    assert "[b] fingerprint fp-b (differs from [a] in: settings.l2_grid)" in text
+    # One protocol per column: no marks, no note.
+    clean = tables.endpoint_table(rows[:3])
+    assert "[a]" not in clean and "Protocols differ" not in clean
+
+
+def test_subset_table_has_one_column_per_fraction():
+    rows = [
+        _fp_row("pre_logits", 0.6, "f100", subset=1.0),
+        _fp_row("pre_logits", 0.2, "f1", subset=0.01),
+        _fp_row("pre_logits", 0.4, "f10", subset=0.1),
+    ]
+    lines = tables.subset_table(rows).splitlines()
+    assert lines[0] == "| model | endpoint | protocol | 1% | 10% | 100% |"
+    assert lines[2] == "| rotation | pre_logits | lbfgs | 20.0 | 40.0 | 60.0 |"
+
+
+def test_probe_table_marks_rows_with_different_fingerprints():
+    rows = [_fp_row("pre_logits", 0.5), _fp_row("pre_logits", 0.6, "fp-b")]
+    text = tables.probe_table(rows)
+    header = text.splitlines()[0]
+    assert "| proto |" in header
+    assert len([line for line in text.splitlines() if "| rotation |" in line]) == 2
+    assert "Protocols differ within the table" in text
+    # Rows written before fingerprints existed are marked unknown, not merged.
+    old = _probe_row()
+    text = tables.probe_table([old, _fp_row("pre_logits", 0.6)])
+    assert "no fingerprint (older result)" in text
+
+
+def test_report_tables_auto_adds_pivots_only_when_useful():
+    single = tables.report_tables([_fp_row("pre_logits", 0.5)])
+    assert "per endpoint" not in single and "per fraction" not in single
+    rows = [_fp_row("pre_logits", 0.5), _fp_row("block4", 0.4)]
+    assert "Test top-1 (%) per endpoint:" in tables.report_tables(rows)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        tables.report_tables(rows, kind="pivot")

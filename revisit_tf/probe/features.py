@@ -5,6 +5,9 @@ Runs an exported SavedModel (stage 5) once over a split and returns one
 max-pooled to at most 9000 features and flattened, as the original's linear
 evaluation (reference 8.2, ``pool_mode=max``; 8.4 flattening row-major,
 channels fastest). ``PixelFeatures`` is the raw-pixel baseline.
+``iter_batches`` yields the same features batch by batch, which is what the
+feature cache (``probe/cache.py``) stores; ``POOLING`` names this pooling in
+cache keys and protocol fingerprints.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 # Reference 8.2: fixed target of 9000 features per endpoint.
 FEATURE_BUDGET = 9000
+POOLING = f"max_to_{FEATURE_BUDGET}"
 _LOG_EVERY_BATCHES = 100
 
 
@@ -75,6 +79,33 @@ class SavedModelFeatures:
             )
         self.endpoints = tuple(endpoints)
 
+    @staticmethod
+    def available_endpoints(path: str) -> list[str]:
+        """Sorted endpoint names of the ``representation`` signature at ``path``."""
+        loaded = tf.saved_model.load(path)
+        return sorted(loaded.signatures["representation"].structured_outputs)
+
+    def iter_batches(
+        self, dataset: tf.data.Dataset
+    ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """Yields ``({endpoint: float32 [B, D]}, int64 [B])`` per input batch.
+
+        Input batches are ``{"image": [B, H, W, C] in [0, 1], "label": [B]}``.
+        Logs progress every 100 batches.
+        """
+        start, seen = time.perf_counter(), 0
+        for i, batch in enumerate(dataset):
+            out = self._fn(**{self._input_name: tf.cast(batch["image"], tf.float32)})
+            labels = batch["label"].numpy().astype(np.int64)
+            yield {e: _flatten(out[e]) for e in self.endpoints}, labels
+            seen += len(labels)
+            if (i + 1) % _LOG_EVERY_BATCHES == 0:
+                logging.info(
+                    "Features: %d images, %.0f images/s.",
+                    seen,
+                    seen / (time.perf_counter() - start),
+                )
+
     def extract(
         self, dataset: tf.data.Dataset
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -83,27 +114,7 @@ class SavedModelFeatures:
         Returns:
           ``({endpoint: float32 [N, D]}, int64 labels [N])``.
         """
-        chunks: dict[str, list[np.ndarray]] = {e: [] for e in self.endpoints}
-        labels = []
-        start, seen = time.perf_counter(), 0
-        for i, batch in enumerate(dataset):
-            out = self._fn(**{self._input_name: tf.cast(batch["image"], tf.float32)})
-            for e in self.endpoints:
-                chunks[e].append(_flatten(out[e]))
-            labels.append(batch["label"].numpy())
-            seen += len(labels[-1])
-            if (i + 1) % _LOG_EVERY_BATCHES == 0:
-                logging.info(
-                    "Features: %d images, %.0f images/s.",
-                    seen,
-                    seen / (time.perf_counter() - start),
-                )
-        if not labels:
-            raise ValueError("The probe's dataset is empty.")
-        return (
-            {e: np.concatenate(c) for e, c in chunks.items()},
-            np.concatenate(labels).astype(np.int64),
-        )
+        return _concatenate(self.iter_batches(dataset), self.endpoints)
 
 
 class PixelFeatures:
@@ -111,16 +122,28 @@ class PixelFeatures:
 
     endpoints = ("pixels",)
 
+    def iter_batches(
+        self, dataset: tf.data.Dataset
+    ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """Yields ``({"pixels": float32 [B, H*W*C]}, int64 [B])`` per batch."""
+        for batch in dataset:
+            pixels = _flatten(tf.cast(batch["image"], tf.float32))
+            yield {"pixels": pixels}, batch["label"].numpy().astype(np.int64)
+
     def extract(
         self, dataset: tf.data.Dataset
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Returns ``({"pixels": float32 [N, H*W*C]}, int64 labels [N])``."""
-        chunks, labels = [], []
-        for batch in dataset:
-            chunks.append(_flatten(tf.cast(batch["image"], tf.float32)))
-            labels.append(batch["label"].numpy())
-        if not labels:
-            raise ValueError("The probe's dataset is empty.")
-        return {"pixels": np.concatenate(chunks)}, np.concatenate(labels).astype(
-            np.int64
-        )
+        return _concatenate(self.iter_batches(dataset), self.endpoints)
+
+
+def _concatenate(batches, endpoints) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    chunks: dict[str, list[np.ndarray]] = {e: [] for e in endpoints}
+    labels = []
+    for feats, batch_labels in batches:
+        for e in endpoints:
+            chunks[e].append(feats[e])
+        labels.append(batch_labels)
+    if not labels:
+        raise ValueError("The probe's dataset is empty.")
+    return {e: np.concatenate(c) for e, c in chunks.items()}, np.concatenate(labels)

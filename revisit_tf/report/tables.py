@@ -136,15 +136,98 @@ def _split_sizes(row: Mapping[str, Any]) -> str:
 _REQUIRED_PROBE_KEYS = ("model", "endpoint", "test_top1")
 
 
+def _check_required(rows: Sequence[Mapping[str, Any]]) -> None:
+    for index, row in enumerate(rows):
+        missing = [key for key in _REQUIRED_PROBE_KEYS if row.get(key) is None]
+        if missing:
+            raise ValueError(
+                f"probe result row {index} lacks {missing}; required keys are "
+                f"{list(_REQUIRED_PROBE_KEYS)}. Row: {dict(row)!r}"
+            )
+
+
+def _subset_label(fraction: Any) -> str:
+    if fraction is None:
+        return "100%"
+    return f"{100 * float(fraction):.3g}%"
+
+
+def _latest(rows: Sequence[Mapping[str, Any]], key_fn) -> list[Mapping[str, Any]]:
+    """Newest row per key (files are append-only: later = newer), first-seen order."""
+    latest: dict[Any, Mapping[str, Any]] = {}
+    for row in rows:
+        latest[key_fn(row)] = row
+    order = {}
+    for row in rows:
+        order.setdefault(key_fn(row), len(order))
+    return [latest[k] for k in sorted(latest, key=order.get)]
+
+
+class _Protocols:
+    """Letters for fingerprints, and the note that explains them.
+
+    A result without a fingerprint (written before fingerprints existed) gets
+    ``?``: its protocol is unknown, so it never silently matches another.
+    """
+
+    def __init__(self):
+        self.letters: dict[str | None, str] = {}
+        self.specs: dict[str | None, Mapping[str, Any] | None] = {}
+        self.mixed: list[str] = []
+
+    def letter(self, row: Mapping[str, Any]) -> str:
+        fp = row.get("fingerprint")
+        if fp not in self.letters:
+            self.letters[fp] = "?" if fp is None else chr(ord("a") + len(self.letters))
+            self.specs[fp] = row.get("protocol_spec")
+        return self.letters[fp]
+
+    def note(self) -> str:
+        if not self.mixed:
+            return ""
+        lines = [
+            "",
+            f"Protocols differ within {', '.join(self.mixed)}: cells are marked "
+            "with their protocol; compare only cells with the same mark.",
+        ]
+        specs = [(letter, self.specs[fp], fp) for fp, letter in self.letters.items()]
+        first = specs[0][1]
+        for letter, spec, fp in specs:
+            if fp is None:
+                lines.append(f"- [{letter}] no fingerprint (older result).")
+                continue
+            text = f"- [{letter}] fingerprint {fp}"
+            if first is not None and spec is not None and spec is not first:
+                keys = _differences(first, spec)
+                text += f" (differs from [{specs[0][0]}] in: {', '.join(keys)})"
+            lines.append(text + ".")
+        return "\n".join(lines) + "\n"
+
+
+def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    def flat(spec, prefix=""):
+        out = {}
+        for k, v in spec.items():
+            if isinstance(v, Mapping):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = repr(v)
+        return out
+
+    fa, fb = flat(a), flat(b)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+
+
 def probe_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The linear-probe report: one line per (model, endpoint).
+    """The linear-probe report: one line per (model, endpoint[, protocol, subset]).
 
     Rows follow the probe's result schema (package docstring). Order and
     deduplication:
 
-      * rows are keyed by ``(model, endpoint, workdir)`` (``workdir`` may be
-        absent); when a key repeats, the later row wins, as files are append
-        only and ``read_results`` keeps file and line order (later = newer);
+      * rows are keyed by ``(model, endpoint, workdir, protocol, subset,
+        fingerprint)`` (each may be absent); when a key repeats, the later row
+        wins, as files are append only and ``read_results`` keeps file and
+        line order (later = newer);
       * models keep the order in which they first appear (the caller chooses
         it, e.g. by the order of the paths given to the report; the paper's
         tables are organised by model, too) and within a model endpoints go
@@ -153,6 +236,11 @@ def probe_table(rows: Sequence[Mapping[str, Any]]) -> str:
         paper's Fig. 5 comparison across depths;
       * if one (model, endpoint) comes from several workdirs, all are kept
         and a ``workdir`` column is added so the lines can be told apart;
+      * ``protocol`` and ``subset`` columns appear when any row is not the
+        default (L-BFGS on all labels);
+      * rows measured under different protocol fingerprints are never shown
+        as one column silently: a ``proto`` column marks each row's protocol
+        and a note under the table lists the fingerprints and what differs;
       * a ``published top-1`` column appears when any row has
         ``published_top1`` (a fraction, like the other accuracies).
 
@@ -161,41 +249,62 @@ def probe_table(rows: Sequence[Mapping[str, Any]]) -> str:
             ``test_top1``; other fields print ``-`` when absent.
 
     Returns:
-        Markdown text (see ``markdown_table``).
+        Markdown text (see ``markdown_table``), plus the protocol note.
 
     Raises:
         ValueError: for a row that misses a required key (naming the row's
             index and the key) or has a malformed value.
     """
-    latest: dict[tuple[str, str, str | None], Mapping[str, Any]] = {}
-    model_order: dict[str, int] = {}
-    arrival: dict[tuple[str, str, str | None], int] = {}
-    for index, row in enumerate(rows):
-        missing = [key for key in _REQUIRED_PROBE_KEYS if row.get(key) is None]
-        if missing:
-            raise ValueError(
-                f"probe result row {index} lacks {missing}; required keys are "
-                f"{list(_REQUIRED_PROBE_KEYS)}. Row: {dict(row)!r}"
-            )
-        key = (str(row["model"]), str(row["endpoint"]), row.get("workdir"))
-        model_order.setdefault(key[0], len(model_order))
-        arrival.setdefault(key, index)
-        latest[key] = row  # later rows overwrite: newest wins
+    _check_required(rows)
 
-    keys = sorted(
-        latest,
-        key=lambda k: (model_order[k[0]], _endpoint_rank(k[1]), arrival[k]),
+    def key(row):
+        return (
+            str(row["model"]),
+            str(row["endpoint"]),
+            row.get("workdir"),
+            row.get("protocol"),
+            row.get("subset"),
+            row.get("fingerprint"),
+        )
+
+    model_order: dict[str, int] = {}
+    arrival: dict[tuple, int] = {}
+    for index, row in enumerate(rows):
+        model_order.setdefault(str(row["model"]), len(model_order))
+        arrival.setdefault(key(row), index)
+    latest = _latest(rows, key)
+    latest.sort(
+        key=lambda r: (
+            model_order[str(r["model"])],
+            _endpoint_rank(str(r["endpoint"])),
+            arrival[key(r)],
+        )
     )
+    protocols = _Protocols()
     display = []
-    for k in keys:
-        row = dict(latest[k])
-        row["n_splits"] = _split_sizes(row)
-        display.append(row)
+    for row in latest:
+        out = dict(row)
+        out["n_splits"] = _split_sizes(row)
+        out["proto"] = protocols.letter(row)
+        if row.get("subset") is not None:
+            out["subset_label"] = _subset_label(row["subset"])
+        display.append(out)
 
     columns = [("model", "model"), ("endpoint", "endpoint")]
-    model_endpoints = [k[:2] for k in keys]
-    if len(set(model_endpoints)) < len(model_endpoints):
+    model_endpoints = [
+        (r["model"], r["endpoint"], r.get("protocol"), r.get("subset")) for r in latest
+    ]
+    if len(set(model_endpoints)) < len(model_endpoints) and any(
+        r.get("workdir") for r in latest
+    ):
         columns.append(("workdir", "workdir"))
+    if any(r.get("protocol", "lbfgs") != "lbfgs" for r in latest):
+        columns.append(("protocol", "protocol"))
+    if any(r.get("subset", 1.0) not in (None, 1.0) for r in latest):
+        columns.append(("subset_label", "labels"))
+    if len(protocols.letters) > 1:
+        columns.append(("proto", "proto"))
+        protocols.mixed.append("the table")
     columns += [
         ("test_top1", "test top-1 (%)"),
         ("val_top1", "val top-1 (%)"),
@@ -210,4 +319,138 @@ def probe_table(rows: Sequence[Mapping[str, Any]]) -> str:
         ("n_splits", "n train/val/test"),
         ("seconds", "seconds"),
     ]
-    return markdown_table(display, columns)
+    return markdown_table(display, columns) + protocols.note()
+
+
+def _pivot(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    row_key,
+    row_columns: Sequence[tuple[str, str]],
+    column_of,
+    column_order,
+) -> str:
+    """Test top-1 of ``rows`` as a table: one line per ``row_key``, one column
+    per ``column_of(row)``; mixed fingerprints within a column are marked."""
+    _check_required(rows)
+    latest = _latest(rows, lambda r: (row_key(r), column_of(r), r.get("fingerprint")))
+    names = sorted({column_of(r) for r in latest}, key=column_order)
+    lines: dict[Any, dict[str, Any]] = {}
+    cells: dict[tuple[Any, str], list[Mapping[str, Any]]] = {}
+    for row in latest:
+        lines.setdefault(row_key(row), {k: row.get(k) for k, _ in row_columns})
+        cells.setdefault((row_key(row), column_of(row)), []).append(row)
+    protocols = _Protocols()
+    for row in latest:
+        protocols.letter(row)
+    mixed_columns = []
+    for name in names:
+        fps = {r.get("fingerprint") for r in latest if column_of(r) == name}
+        if len(fps) > 1:
+            mixed_columns.append(name)
+    protocols.mixed = [f"column {name}" for name in mixed_columns]
+    display = []
+    for line_key, line in lines.items():
+        out = dict(line)
+        for name in names:
+            found = cells.get((line_key, name), [])
+            texts = []
+            for r in found:
+                text = format_value("test_top1", r["test_top1"])
+                if name in mixed_columns:
+                    text += f" [{protocols.letter(r)}]"
+                texts.append(text)
+            out[f"col:{name}"] = " / ".join(texts) if texts else None
+        display.append(out)
+    columns = list(row_columns) + [(f"col:{n}", n) for n in names]
+    return markdown_table(display, columns) + protocols.note()
+
+
+def endpoint_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Test top-1 (%) per endpoint: one line per (model, protocol, labels).
+
+    Columns go in network depth (``after_root`` ... ``logits``), as the
+    paper's Fig. 5 compares representations across depth.
+
+    Raises:
+        ValueError: as ``probe_table``.
+    """
+    prepared = [
+        {
+            **r,
+            "protocol": r.get("protocol", "lbfgs"),
+            "labels": _subset_label(r.get("subset")),
+        }
+        for r in rows
+    ]
+    return _pivot(
+        prepared,
+        row_key=lambda r: (r["model"], r["protocol"], r["labels"], r.get("workdir")),
+        row_columns=[
+            ("model", "model"),
+            ("protocol", "protocol"),
+            ("labels", "labels"),
+        ],
+        column_of=lambda r: str(r["endpoint"]),
+        column_order=_endpoint_rank,
+    )
+
+
+def subset_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Test top-1 (%) per fraction of training labels (paper Fig. 7).
+
+    One line per (model, endpoint, protocol); columns from fewest labels to
+    all.
+
+    Raises:
+        ValueError: as ``probe_table``.
+    """
+    prepared = [
+        {
+            **r,
+            "protocol": r.get("protocol", "lbfgs"),
+            "fraction": 1.0 if r.get("subset") is None else float(r["subset"]),
+        }
+        for r in rows
+    ]
+    return _pivot(
+        prepared,
+        row_key=lambda r: (r["model"], r["endpoint"], r["protocol"], r.get("workdir")),
+        row_columns=[
+            ("model", "model"),
+            ("endpoint", "endpoint"),
+            ("protocol", "protocol"),
+        ],
+        column_of=lambda r: _subset_label(r["fraction"]),
+        column_order=lambda name: float(name.rstrip("%")),
+    )
+
+
+REPORT_KINDS = ("auto", "probe", "endpoints", "subsets")
+
+
+def report_tables(rows: Sequence[Mapping[str, Any]], kind: str = "auto") -> str:
+    """The report: ``probe_table`` and/or the per-endpoint / per-subset tables.
+
+    Args:
+        rows: result rows.
+        kind: one of ``REPORT_KINDS``; ``"auto"`` prints the probe table and
+            each pivot that has more than one column.
+
+    Raises:
+        ValueError: unknown ``kind`` or bad rows.
+    """
+    if kind not in REPORT_KINDS:
+        raise ValueError(f"kind must be one of {REPORT_KINDS}; got {kind!r}.")
+    if kind == "probe":
+        return probe_table(rows)
+    if kind == "endpoints":
+        return endpoint_table(rows)
+    if kind == "subsets":
+        return subset_table(rows)
+    parts = [probe_table(rows)]
+    if len({r.get("endpoint") for r in rows}) > 1:
+        parts.append("Test top-1 (%) per endpoint:\n\n" + endpoint_table(rows))
+    if len({r.get("subset", 1.0) for r in rows}) > 1:
+        parts.append("Test top-1 (%) per fraction of labels:\n\n" + subset_table(rows))
+    return "\n".join(parts)

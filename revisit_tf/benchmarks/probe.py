@@ -1,0 +1,440 @@
+"""``revisit-benchmark probe``: our L-BFGS probe vs scikit-learn, same cached features.
+
+Not a stage of the data flow. For each size (``--sizes``, default a
+``60000 x 2048`` and a ``60000 x 4096`` problem with 10 classes) it writes
+deterministic synthetic features into the feature cache (``probe/cache.py``),
+reads them back, and solves the same multinomial logistic regression
+(``l2 = 1 / (C N)``) with
+
+  * ``ours``: ``lbfgs.fit_logistic_regression(solver="lbfgs")``, float32;
+  * ``tfp``: the same with ``solver="tfp"`` (``tfp.optimizer.lbfgs_minimize``,
+    the probe before this benchmark existed);
+  * ``sklearn``: ``LogisticRegression(solver="lbfgs", C=C)``, float32 input,
+    its default ``tol=1e-4`` (the same gradient sup-norm as ours).
+
+Every solution's objective ``J`` is recomputed here in float64 NumPy, and its
+top-1 on a held-out set, so losses and accuracies are compared on equal terms.
+Speed is a ratio against scikit-learn measured in the same run.
+
+A last run (``--stream_budget_mb``) streams features 4x larger than that
+budget from the cache (``probe/sharded.py``) in a child process, and reports
+its peak resident memory above the process's baseline next to the size of the
+feature matrix, and its loss against the whole-batch solver.
+
+Features: ``--data gaussian`` (default; class means ``spread * N(0, I)`` plus
+unit noise: well conditioned, like standardized trunk features) or
+``fmnist_relu`` (random ReLU features of Fashion-MNIST pixels: strongly
+correlated, ill conditioned; needs the idx files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+_TEST_ROWS = 10_000
+_log = logging.getLogger("revisit_tf.benchmarks.probe")
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        n, d = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a size is NxD, e.g. 60000x2048; got {text!r}."
+        ) from None
+    if n < 20 or d < 1:
+        raise argparse.ArgumentTypeError(f"size {text!r}: need N >= 20 and D >= 1.")
+    return n, d
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="revisit-benchmark probe",
+        description="L-BFGS probe vs scikit-learn LogisticRegression on cached "
+        "features (seconds, iterations, final loss, accuracy, ratios).",
+    )
+    p.add_argument(
+        "--sizes",
+        type=_parse_size,
+        nargs="+",
+        default=[(60000, 2048), (60000, 4096)],
+        help="training sizes NxD (default 60000x2048 60000x4096).",
+    )
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--data", choices=("gaussian", "fmnist_relu"), default="gaussian")
+    p.add_argument("--spread", type=float, default=0.05, help="gaussian class spread")
+    p.add_argument(
+        "--l2", type=float, default=1e-3, help="penalty l2 = 1 / (C N) (default 1e-3)"
+    )
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument(
+        "--solvers",
+        nargs="*",
+        choices=("ours", "tfp", "sklearn"),
+        default=["ours", "tfp", "sklearn"],
+    )
+    p.add_argument(
+        "--stream_budget_mb",
+        type=float,
+        default=256.0,
+        help="streamed run on features 4x this size (0: skip).",
+    )
+    p.add_argument("--cache_dir", help="feature cache (default: a temp dir)")
+    p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--_stream_child", help=argparse.SUPPRESS)
+    return p
+
+
+def _features(args, n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic ``[n, d]`` float32 features and labels (see module doc)."""
+    rng = np.random.default_rng(seed)
+    if args.data == "gaussian":
+        centers = args.spread * np.random.default_rng(1234).normal(
+            size=(args.classes, d)
+        )
+        y = rng.integers(0, args.classes, size=n)
+        x = rng.standard_normal(size=(n, d), dtype=np.float32)
+        x += centers[y].astype(np.float32)
+        return x, y
+    from revisit_tf.data import idx
+
+    images, labels = idx.load_idx_dataset()["train"]
+    rows = rng.integers(0, len(labels), size=n)
+    pixels = images[rows].reshape(n, -1).astype(np.float32) / 255.0
+    proj = np.random.default_rng(1234).normal(size=(pixels.shape[1], d))
+    x = np.maximum(pixels @ (proj / np.sqrt(pixels.shape[1])).astype(np.float32), 0)
+    x -= x.mean(axis=0)
+    x /= x.std(axis=0) + 1e-6
+    return x.astype(np.float32), labels[rows].astype(np.int64)
+
+
+def _cached(
+    args, cache_dir: str, n: int, d: int, seed: int, split: str, shard_bytes=None
+):
+    from revisit_tf.probe import cache as cache_lib
+
+    spec = {
+        "benchmark": "probe",
+        "data": args.data,
+        "spread": args.spread,
+        "classes": args.classes,
+        "n": n,
+        "d": d,
+        "seed": seed,
+        "split": split,
+    }
+
+    def build():
+        x, y = _features(args, n, d, seed)
+        for i in range(0, n, 8192):
+            yield {"features": x[i : i + 8192]}, y[i : i + 8192]
+
+    cache = cache_lib.FeatureCache(
+        cache_dir, shard_bytes=shard_bytes or cache_lib.DEFAULT_SHARD_BYTES
+    )
+    return cache.get_or_build({"features": spec}, build)["features"]
+
+
+def _objective(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray, l2):
+    """``J`` in float64 NumPy, block by block (independent of every solver)."""
+    w, b = np.asarray(w, np.float64), np.asarray(b, np.float64)
+    total = 0.0
+    for i in range(0, len(y), 8192):
+        z = x[i : i + 8192].astype(np.float64) @ w + b
+        z -= z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        total -= logp[np.arange(len(z)), y[i : i + 8192]].sum()
+    return total / len(y) + 0.5 * l2 * float(np.sum(w * w))
+
+
+def _top1(x, y, w, b) -> float:
+    z = x @ np.asarray(w, np.float32) + np.asarray(b, np.float32)
+    return float(np.mean(np.argmax(z, axis=1) == y))
+
+
+def _run_ours(x, y, args, solver: str) -> dict:
+    import tensorflow as tf
+
+    from revisit_tf.probe import lbfgs
+
+    # Trace outside the timing (the probe compiles once per process).
+    lbfgs.fit_logistic_regression(
+        x[:50], y[:50], num_classes=args.classes, l2=args.l2, max_iterations=2,
+        dtype=tf.float32, solver=solver,
+    )  # fmt: skip
+    start = time.perf_counter()
+    fit = lbfgs.fit_logistic_regression(
+        x, y, num_classes=args.classes, l2=args.l2, tolerance=args.tolerance,
+        dtype=tf.float32, solver=solver,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "iterations": fit.iterations,
+        "function_evaluations": fit.function_evaluations,
+        "line_search_evaluations": fit.line_search_evaluations,
+        "converged": fit.converged,
+        "weights": fit.weights,
+        "bias": fit.bias,
+    }
+
+
+def _run_sklearn(x, y, args) -> dict:
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(
+        C=1.0 / (args.l2 * len(y)), solver="lbfgs", tol=args.tolerance, max_iter=1000
+    )
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(x, y)
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "iterations": int(np.max(model.n_iter_)),
+        "function_evaluations": None,
+        "converged": bool(np.max(model.n_iter_) < 1000),
+        "weights": model.coef_.T,
+        "bias": model.intercept_,
+    }
+
+
+def _size_rows(args, cache_dir: str, n: int, d: int) -> list[dict]:
+    t0 = time.perf_counter()
+    train = _cached(args, cache_dir, n, d, args.seed, "train")
+    test = _cached(args, cache_dir, _TEST_ROWS, d, args.seed + 1, "test")
+    x, y = train.load()
+    tx, ty = test.load()
+    _log.info("%dx%d features from the cache in %.1fs.", n, d, time.perf_counter() - t0)
+    rows = []
+    for name in args.solvers:
+        _log.info("%dx%d: %s ...", n, d, name)
+        if name == "sklearn":
+            out = _run_sklearn(x, y, args)
+        else:
+            out = _run_ours(x, y, args, "lbfgs" if name == "ours" else "tfp")
+        w, b = out.pop("weights"), out.pop("bias")
+        out.update(
+            solver=name,
+            size=f"{n}x{d}",
+            loss=_objective(x, y, w, b, args.l2),
+            train_top1=_top1(x, y, w, b),
+            test_top1=_top1(tx, ty, w, b),
+        )
+        _log.info(
+            "  %s: %.2fs, %d iterations.", name, out["seconds"], out["iterations"]
+        )
+        rows.append(out)
+    base = next((r for r in rows if r["solver"] == "sklearn"), None)
+    for r in rows:
+        if base is not None:
+            r["speedup_vs_sklearn"] = base["seconds"] / r["seconds"]
+            r["loss_rel_diff_vs_sklearn"] = (r["loss"] - base["loss"]) / base["loss"]
+            r["test_top1_diff_vs_sklearn"] = r["test_top1"] - base["test_top1"]
+    return rows
+
+
+class _RssSampler:
+    """Peak resident set size (``/proc/self/statm``), sampled every 10 ms."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def current(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self.current())
+
+    def __enter__(self):
+        self.peak = self.current()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+def _stream_child(args) -> dict:
+    """In a fresh process: streamed fit; peak RSS above the pre-fit baseline."""
+    import tensorflow as tf
+
+    from revisit_tf.probe import cache as cache_lib
+    from revisit_tf.probe import sharded
+
+    spec = json.loads(args._stream_child)
+    entry = cache_lib.CachedFeatures(spec["path"])
+    source = sharded.ShardSource.from_cache(entry)
+    objective = sharded.ShardedObjective(
+        source, num_classes=args.classes, l2=args.l2, dtype=tf.float32
+    )
+    # ru_maxrss is a maximum over the process's life (TensorFlow's start-up
+    # dominates it), so the resident set is sampled during the fit instead.
+    sampler = _RssSampler()
+    baseline = sampler.current()
+    start = time.perf_counter()
+    with sampler:
+        fit = sharded.fit_sharded(objective, tolerance=args.tolerance)
+    seconds = time.perf_counter() - start
+    peak = sampler.peak
+    np.savez(spec["params"], weights=fit.weights, bias=fit.bias)
+    return {
+        "seconds": seconds,
+        "iterations": fit.iterations,
+        "function_evaluations": fit.function_evaluations,
+        "converged": fit.converged,
+        "shards": entry.num_shards,
+        "peak_rss_above_baseline_bytes": peak - baseline,
+    }
+
+
+def _streamed_row(args, cache_dir: str) -> dict:
+    budget = int(args.stream_budget_mb * 2**20)
+    d = args.sizes[0][1]
+    n = 4 * budget // (4 * d)  # float32: 4x the budget
+    # Shards of budget / 16: the streamed objective holds about 7 shard-sized
+    # buffers at once (the shard, its tensor, the standardized copy and its
+    # temporaries, the next shard read ahead), about half the budget.
+    shard_bytes = max(4096, budget // 16)
+    entry = _cached(args, cache_dir, n, d, args.seed + 2, "stream", shard_bytes)
+    params = os.path.join(cache_dir, "stream_params.npz")
+    child_args = [
+        sys.executable, "-m", "revisit_tf.benchmarks.probe",
+        "--classes", str(args.classes), "--l2", str(args.l2),
+        "--tolerance", str(args.tolerance), "--data", args.data,
+        "--_stream_child", json.dumps({"path": entry.path, "params": params}),
+    ]  # fmt: skip
+    _log.info(
+        "Streamed run: %dx%d (%.0f MB) in a child process ...",
+        n,
+        d,
+        entry.nbytes / 2**20,
+    )
+    proc = subprocess.run(child_args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"streamed child failed:\n{proc.stderr[-3000:]}")
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    x, y = entry.load()
+    with np.load(params) as p:
+        row["loss"] = _objective(x, y, p["weights"], p["bias"], args.l2)
+        row["train_top1"] = _top1(x, y, p["weights"], p["bias"])
+    whole = _run_ours(x, y, args, "lbfgs")
+    whole_loss = _objective(x, y, whole["weights"], whole["bias"], args.l2)
+    row.update(
+        solver="ours streamed",
+        size=f"{n}x{d}",
+        feature_bytes=entry.nbytes,
+        budget_bytes=budget,
+        whole_batch_seconds=whole["seconds"],
+        whole_batch_loss=whole_loss,
+        loss_rel_diff_vs_whole_batch=(row["loss"] - whole_loss) / whole_loss,
+    )
+    return row
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def _table(rows: list[dict], streamed: dict | None) -> str:
+    head = (
+        "| size | solver | seconds | iters | f-evals | final loss | train top-1 |"
+        " test top-1 | speed-up vs sklearn | loss rel. diff | top-1 diff |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        diff = r.get("test_top1_diff_vs_sklearn")
+        cells = [
+            r["size"],
+            r["solver"],
+            f"{r['seconds']:.2f}",
+            str(r["iterations"]),
+            _fmt(r.get("function_evaluations"), "d"),
+            f"{r['loss']:.7f}",
+            f"{100 * r['train_top1']:.2f}",
+            f"{100 * r['test_top1']:.2f}",
+            _fmt(r.get("speedup_vs_sklearn"), ".2f") + "x",
+            _fmt(r.get("loss_rel_diff_vs_sklearn"), "+.1e"),
+            _fmt(None if diff is None else 100 * diff, "+.2f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    if streamed:
+        s = streamed
+        mb = 2**20
+        text += (
+            f"\n\nStreamed ({s['size']}, {s['feature_bytes'] / mb:.0f} MB = "
+            f"{s['feature_bytes'] / s['budget_bytes']:.1f}x the "
+            f"{s['budget_bytes'] / mb:.0f} MB budget, {s['shards']} shards): "
+            f"{s['seconds']:.2f}s, {s['iterations']} iterations, "
+            f"{s['function_evaluations']} passes, peak RSS "
+            f"+{s['peak_rss_above_baseline_bytes'] / mb:.0f} MB; loss "
+            f"{s['loss']:.7f} vs whole-batch {s['whole_batch_loss']:.7f} (rel. diff "
+            f"{s['loss_rel_diff_vs_whole_batch']:+.1e}; whole-batch in memory "
+            f"{s['whole_batch_seconds']:.2f}s)."
+        )
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the benchmark; prints the table; returns 0."""
+    args = _parser().parse_args(argv)
+    if args._stream_child:
+        logging.basicConfig(level=logging.WARNING)
+        print(json.dumps(_stream_child(args)))
+        return 0
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_dir = args.cache_dir or tmp
+        rows = []
+        if args.solvers:  # `--solvers` with no name: only the streamed run
+            rows = [r for n, d in args.sizes for r in _size_rows(args, cache_dir, n, d)]
+        streamed = _streamed_row(args, cache_dir) if args.stream_budget_mb > 0 else None
+    result = {
+        "settings": {
+            "sizes": [f"{n}x{d}" for n, d in args.sizes],
+            "classes": args.classes,
+            "data": args.data,
+            "spread": args.spread,
+            "l2": args.l2,
+            "tolerance": args.tolerance,
+            "cpu_count": os.cpu_count(),
+        },
+        "rows": rows,
+        "streamed": streamed,
+    }
+    print(_table(rows, streamed))
+    if args.output:
+        tmp_path = f"{args.output}.tmp-{os.getpid()}"
+        with open(tmp_path, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp_path, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
