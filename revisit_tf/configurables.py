@@ -14,7 +14,8 @@ import sysconfig
 
 import gin
 from revisit_tf import experiments
-from revisit_tf.models import factory
+from revisit_tf.models import factory, pretext
+from revisit_tf.pp import permutations
 from revisit_tf.train import losses
 
 # Roots: called by the binaries, so they need the configured (wrapped) function.
@@ -29,6 +30,15 @@ linear_probe = gin.external_configurable(experiments.linear_probe, module="revis
 gin.register(factory.build_trunk, module="revisit_tf.models")
 # --- pretext tasks: heads, losses, pretext models ---
 gin.register(losses.softmax_xent, module="revisit_tf.train")
+gin.register(losses.triplet_semihard, module="revisit_tf.train")
+gin.register(losses.correct_top1, module="revisit_tf.train")
+gin.register(losses.classification_metrics, module="revisit_tf.train")
+gin.register(losses.nearest_neighbour_correct, module="revisit_tf.train")
+gin.register(pretext.build_jigsaw_model, module="revisit_tf.models")
+gin.register(pretext.build_rel_patch_model, module="revisit_tf.models")
+gin.external_configurable(
+    permutations.get_permutations, name="jigsaw_permutations", module="revisit_tf.pp"
+)
 # --- probes ---
 
 

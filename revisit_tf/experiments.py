@@ -5,8 +5,8 @@ stages meet:
 
     data source -> pp -> model -> train loop -> checkpoints      (pretrain)
     checkpoint -> model -> SavedModel                            (export_model)
-    data source -> pp -> SavedModel -> features -> L-BFGS probe  (linear_probe)
-    results.jsonl -> markdown table                              (report)
+    data source -> pp -> SavedModel -> feature cache -> probes   (linear_probe)
+    results.jsonl -> markdown tables                             (report)
 
 The roots take plain values and builder callables; ``configurables`` registers
 them with gin and the ``revisit-*`` binaries bind them from gin files. Nothing
@@ -29,8 +29,13 @@ from revisit_tf import __version__
 from revisit_tf import data as data_lib
 from revisit_tf import pp as pp_lib
 from revisit_tf.export import saved_model as export_lib
+from revisit_tf.models import pretext as pretext_lib
+from revisit_tf.pp import permutations as permutations_lib
+from revisit_tf.probe import cache as cache_lib
 from revisit_tf.probe import features as features_lib
-from revisit_tf.probe import lbfgs
+from revisit_tf.probe import fingerprint as fingerprint_lib
+from revisit_tf.probe import protocols as protocols_lib
+from revisit_tf.probe import subsets as subsets_lib
 from revisit_tf.report import results as results_lib
 from revisit_tf.report import tables
 from revisit_tf.train import checkpoint as checkpoint_lib
@@ -43,7 +48,6 @@ ModelFn = Callable[..., keras.Model]
 
 # L2 penalties tried by the probe (objective: mean cross-entropy + l2/2 |W|^2).
 DEFAULT_L2_GRID = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
-_PRECISIONS = {"float32": tf.float32, "float64": tf.float64}
 
 
 def _pp_output_shape(source: tf.data.Dataset, pp_fn) -> tf.TensorShape:
@@ -80,6 +84,8 @@ def pretrain(
     cache_source: bool = False,
     seed: int | None = None,
     on_first_loop: Callable[[], None] | None = None,
+    metric_fn: loop_lib.MetricFn = losses_lib.correct_top1,
+    pp_train_batch: str = "",
 ) -> dict[str, float]:
     """Pretext (or supervised) training; checkpoints in ``workdir/checkpoints``.
 
@@ -113,6 +119,12 @@ def pretrain(
       cache_source: cache decoded source examples in memory (small datasets).
       seed: seeds TF's global generator (model init, pipeline randomness).
       on_first_loop: callback after the first outer loop (operative config).
+      metric_fn: per-row pretext metric(s) logged by the loop (default top-1
+        ``accuracy``; supervised adds top-5, Exemplar uses nearest-neighbour
+        retrieval).
+      pp_train_batch: pipeline applied to every per-replica *batch* after
+        batching (e.g. ``"jigsaw_perms(100, 8)"``: one permutation subset per
+        batch, reference 4.3); ``""`` for none.
 
     Returns:
       The metrics of the last logged loop (loss, accuracy, images/s, ...).
@@ -125,6 +137,7 @@ def pretrain(
     # 1. Data and 2. pretext preprocessing (labels are made by pp_train).
     num_train = data_lib.num_examples(dataset, train_split, data_dir=data_dir)
     pp_fn = pp_lib.get_preprocess_fn(pp_train)
+    batch_pp_fn = pp_lib.get_preprocess_fn(pp_train_batch) if pp_train_batch else None
     source = data_lib.get_source(dataset, train_split, data_dir=data_dir)
     image_shape = _pp_output_shape(source, pp_fn)
 
@@ -137,6 +150,7 @@ def pretrain(
             shuffle_buffer=shuffle_buffer,
             seed=seed,
             cache=cache_source,
+            batch_preprocess_fn=batch_pp_fn,
         )
 
     # Durations and schedule (reference 7.1, 7.2).
@@ -181,6 +195,8 @@ def pretrain(
         model.name,
         f"{sum(int(np.prod(v.shape)) for v in model.trainable_variables):,}",
     )
+    if strategy_lib.is_chief(strategy_obj):
+        _record_permutations(model, workdir)
     metrics = loop_lib.train(
         model=model,
         optimizer=optimizer,
@@ -194,6 +210,7 @@ def pretrain(
         checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints,
         on_first_loop=on_first_loop,
+        metric_fn=metric_fn,
     )
     if metrics and strategy_lib.is_chief(strategy_obj):
         _write_json_atomic(os.path.join(workdir, "train_metrics.json"), metrics)
@@ -208,8 +225,16 @@ def export_model(
     pp_export: str = "value_range(-1, 1, 0, 1)",
     random_init: bool = False,
     seed: int | None = None,
+    pp_export_patches: str = "",
 ) -> str:
     """Writes ``workdir/export``: a SavedModel of the newest checkpoint's trunk.
+
+    For the patch tasks ``model_fn`` builds the whole pretext model (so the
+    checkpoint restores exactly), and only its trunk is exported; a
+    ``pp_export`` that ends in patches ``[N, P, h, w, C]`` (e.g.
+    ``"crop_patches(3, random=False)|standardize"``) makes an export that
+    cuts the patches itself and averages the endpoints over them (reference
+    8.3), with an extra ``patches`` signature.
 
     Args:
       workdir: training workdir (its ``checkpoints/``); the export goes to
@@ -223,6 +248,9 @@ def export_model(
       random_init: export the freshly initialised model instead of a checkpoint
         (the random-init baseline of the probe report).
       seed: initialisation seed for ``random_init``.
+      pp_export_patches: for patch exports, the preprocessing of the
+        ``patches`` signature's input ``[N, P, h, w, C]`` in [0, 1] (e.g.
+        ``"standardize"``); ``""`` feeds the patches unchanged.
 
     Returns:
       The export path.
@@ -241,8 +269,15 @@ def export_model(
     def preprocess(images: tf.Tensor) -> tf.Tensor:
         return pp_fn({"image": images})["image"]
 
+    patch_pp_fn = pp_lib.get_preprocess_fn(pp_export_patches)
+
+    def patch_preprocess(patches: tf.Tensor) -> tf.Tensor:
+        return patch_pp_fn({"image": patches})["image"]
+
     probe_shape = [1 if d is None else d for d in image_shape]
     model_shape = tuple(preprocess(tf.zeros([1, *probe_shape])).shape[1:])
+    if len(model_shape) == 4:  # patches [P, h, w, C]: the trunk sees one patch
+        model_shape = model_shape[1:]
     if image_shape[0] is None or image_shape[1] is None:
         model_shape = (None, None, model_shape[-1])
     if seed is not None:
@@ -253,11 +288,14 @@ def export_model(
     else:
         path = checkpoint_lib.restore_model(workdir, model)
         logging.info("Restored %s.", path)
+    trunk = pretext_lib.get_trunk(model)
     out = export_lib.export_saved_model(
-        model,
+        trunk,
         os.path.join(workdir, "export"),
         image_shape=image_shape,
         preprocess=preprocess,
+        patch_preprocess=patch_preprocess,
+        metadata={"model": model.name, "pp_export": pp_export},
     )
     logging.info("Exported %s", out)
     return out
@@ -274,22 +312,42 @@ def linear_probe(
     pp_probe: str = "value_range(0, 1)",
     features: str = "export",
     export_dir: str | None = None,
-    endpoints: Sequence[str] = ("pre_logits",),
+    endpoints: Sequence[str] | str = ("pre_logits",),
+    protocols: Sequence[str] = ("lbfgs",),
+    subsets: Sequence[float] = (1.0,),
     l2_grid: Sequence[float] = DEFAULT_L2_GRID,
     standardize: bool = True,
     max_iterations: int = 1000,
     precision: str = "float32",
+    accumulate_precision: str = "float64",
     tolerance: float = 1e-4,
+    solver: str = "lbfgs",
+    refit_on_trainval: bool = True,
+    sgd_epochs: float = 70,
+    sgd_decay_epochs: Sequence[float] = (30, 50),
+    sgd_batch_size: int = 512,
+    sgd_lr: float = 0.1,
+    mlp_hidden: int = 1000,
+    knn_k: int = 20,
+    seed: int = 0,
+    strategy: str | None = None,
+    max_resident_bytes: int = 8 << 30,
+    cache_dir: str | None = None,
     batch_size: int = 256,
     model_name: str | None = None,
     published_top1: float | None = None,
 ) -> list[dict]:
-    """Linear logistic-regression probe; rows go to ``workdir/probe/results.jsonl``.
+    """Probes of frozen features; rows go to ``workdir/probe/results.jsonl``.
 
-    Features are computed once per split; the L2 penalty is chosen on
-    ``val_split`` from ``l2_grid`` (warm-started path, largest first) and the
-    chosen model is scored on ``test_split`` (as the paper's Table 1 protocol:
-    train on ``train``, select on the held-out ``val``).
+    Data flow: source -> pp -> SavedModel (or pixels) -> feature cache (one
+    entry per endpoint and split, ``probe/cache.py``) -> one probe per
+    (endpoint, protocol, label subset) (``probe/protocols.py``) -> one row
+    each, with a protocol fingerprint (``probe/fingerprint.py``).
+
+    The default is the paper's linear evaluation solved exactly: L2 chosen on
+    ``val_split`` from ``l2_grid`` (warm-started path, largest first), a final
+    fit at that penalty on train + val, scored on ``test_split`` (Table 1
+    protocol: train on ``train``, select on the held-out ``val``).
 
     Args:
       workdir: where results go; also the default place of the export.
@@ -301,124 +359,234 @@ def linear_probe(
       features: ``"export"`` (the SavedModel's endpoints) or ``"pixels"``
         (flattened preprocessed pixels: the raw-pixel baseline).
       export_dir: SavedModel path (default ``workdir/export``).
-      endpoints: endpoints to probe (``pre_logits`` is the paper's number).
-      l2_grid: penalties to select from (objective: mean cross-entropy +
-        l2/2 ||W||^2).
+      endpoints: endpoints to probe (``pre_logits`` is the paper's number), or
+        ``"all"`` for every endpoint of the export (paper Fig. 5).
+      protocols: any of ``"lbfgs"`` (default), ``"sgd"`` (reference 8.5
+        schedule), ``"mlp"`` (paper Fig. 3), ``"knn"``.
+      subsets: fractions of the training labels, class-balanced and seeded
+        (paper Fig. 7: ``(0.01, 0.1, 0.5, 1.0)``).
+      l2_grid: L-BFGS penalties (objective: mean cross-entropy + l2/2 ||W||^2).
       standardize: standardize features with training-split statistics.
       max_iterations: L-BFGS iteration cap per fit.
-      precision: ``"float32"`` (default: about 3x faster per iteration on a
+      precision: ``"float32"`` (default: about 2x faster per iteration on a
         CPU, and accurate to well below 0.1% top-1 at ``tolerance=1e-4``) or
         ``"float64"`` (use ``tolerance=1e-6`` or smaller) for the solver.
+      accumulate_precision: dtype of the cross-shard sums and the L-BFGS
+        state of the sharded path (``probe/sharded.py``).
       tolerance: L-BFGS stops when the largest gradient entry is below this.
+      solver: ``"lbfgs"`` (line search on the logits) or ``"tfp"``
+        (``tfp.optimizer.lbfgs_minimize``); same iterates.
+      refit_on_trainval: final L-BFGS fit on train + val (the paper).
+      sgd_epochs, sgd_decay_epochs, sgd_batch_size, sgd_lr: SGD/MLP schedule
+        (reference 10.6: 70, (30, 50), 512, 0.1 at batch 256).
+      mlp_hidden: MLP hidden width (reference 8.4: 1000).
+      knn_k: neighbours of the k-NN probe.
+      seed: label-subset, SGD and MLP seed.
+      strategy: None (one device) or a ``train.strategy`` name: the L-BFGS
+        objective is then sharded over its replicas.
+      max_resident_bytes: above this size of the training matrix the L-BFGS
+        probe streams shards from the cache instead of holding it.
+      cache_dir: the feature cache (default ``workdir/probe/feature_cache``).
       batch_size: feature extraction batch.
       model_name: label of the rows (default: the workdir's base name).
       published_top1: a published number to print beside ours (fraction).
 
     Returns:
-      The rows written (one per endpoint).
+      The rows written (endpoint x protocol x subset).
     """
-    if precision not in _PRECISIONS:
-        raise ValueError(
-            f"precision must be one of {sorted(_PRECISIONS)}; got {precision!r}."
-        )
     if features not in ("export", "pixels"):
         raise ValueError(f"features must be 'export' or 'pixels'; got {features!r}.")
+    for name in protocols:
+        if name not in protocols_lib.PROTOCOLS:
+            raise ValueError(
+                f"protocols must be among {protocols_lib.PROTOCOLS}; got {name!r}."
+            )
+    subsets = [subsets_lib.check_fraction(f) for f in subsets]
+    settings = protocols_lib.Settings(
+        l2_grid=tuple(l2_grid),
+        standardize=standardize,
+        max_iterations=max_iterations,
+        precision=precision,
+        accumulate_precision=accumulate_precision,
+        tolerance=tolerance,
+        solver=solver,
+        refit_on_trainval=refit_on_trainval,
+        sgd_epochs=sgd_epochs,
+        sgd_decay_epochs=tuple(sgd_decay_epochs),
+        sgd_batch_size=sgd_batch_size,
+        sgd_lr=sgd_lr,
+        mlp_hidden=mlp_hidden,
+        knn_k=knn_k,
+        seed=seed,
+        max_resident_bytes=max_resident_bytes,
+        strategy=None if strategy is None else strategy_lib.make_strategy(strategy),
+    )
     model_name = model_name or os.path.basename(os.path.normpath(workdir))
     pp_fn = pp_lib.get_preprocess_fn(pp_probe)
     splits = {"train": train_split, "val": val_split, "test": test_split}
+
+    # 1. The feature extractor and what identifies its features.
     if features == "export":
         export_dir = export_dir or os.path.join(workdir, "export")
+        if isinstance(endpoints, str):
+            if endpoints != "all":
+                raise ValueError(
+                    "endpoints must be a sequence of names or 'all'; got "
+                    f"{endpoints!r}."
+                )
+            endpoints = features_lib.SavedModelFeatures.available_endpoints(export_dir)
         extractor = features_lib.SavedModelFeatures(export_dir, endpoints=endpoints)
+        source_id = "saved_model:" + cache_lib.hash_directory(export_dir)
     else:
         endpoints = ("pixels",)
         extractor = features_lib.PixelFeatures()
-    feats, labels = {}, {}
+        source_id = "pixels"
+    endpoints = tuple(endpoints)
+
+    # 2. Features of every split, extracted once into the cache.
+    cache = cache_lib.FeatureCache(
+        cache_dir or os.path.join(workdir, "probe", "feature_cache")
+    )
+    entries: dict[str, dict[str, cache_lib.CachedFeatures]] = {}
     for key, split in splits.items():
         t0 = time.perf_counter()
-        source = data_lib.get_source(dataset, split, data_dir=data_dir)
-        ds = data_lib.make_eval_dataset(source, pp_fn, batch_size=batch_size)
-        feats[key], labels[key] = extractor.extract(ds)
+        specs = {
+            e: {
+                "features": source_id,
+                "endpoint": e,
+                "pooling": features_lib.POOLING,
+                "pp": pp_probe,
+                "dataset": dataset,
+                "data_dir": data_dir,
+                "split": split,
+            }
+            for e in endpoints
+        }
+
+        def build(split=split):
+            source = data_lib.get_source(dataset, split, data_dir=data_dir)
+            ds = data_lib.make_eval_dataset(source, pp_fn, batch_size=batch_size)
+            return extractor.iter_batches(ds)
+
+        entries[key] = cache.get_or_build(specs, build, verify=True)
         logging.info(
-            "Features of %s %s: %d examples in %.1fs (%s).",
+            "Features of %s %s: %d examples, %s (%.1fs).",
             dataset,
             split,
-            len(labels[key]),
+            entries[key][endpoints[0]].num_examples,
+            ", ".join(f"{e} {entries[key][e].dim}-d" for e in endpoints),
             time.perf_counter() - t0,
-            ", ".join(f"{k} {v.shape[1]}-d" for k, v in feats[key].items()),
         )
-    num_classes = int(max(labels["train"].max(), labels["val"].max())) + 1
+
+    # 3. One probe per endpoint x protocol x subset, one row each.
     rows = []
+    results_file = os.path.join(workdir, "probe", "results.jsonl")
     for endpoint in endpoints:
-        t0 = time.perf_counter()
-        sweep = lbfgs.sweep_l2(
-            feats["train"][endpoint],
-            labels["train"],
-            feats["val"][endpoint],
-            labels["val"],
-            l2_grid=l2_grid,
-            num_classes=num_classes,
-            standardize=standardize,
-            max_iterations=max_iterations,
-            tolerance=tolerance,
-            dtype=_PRECISIONS[precision],
+        split_entries = protocols_lib.SplitEntries(
+            **{key: entries[key][endpoint] for key in splits}
         )
-        best, point = sweep.best, sweep.best_point
-        row = {
-            "model": model_name,
-            "endpoint": endpoint,
-            "dataset": dataset,
-            "features": features,
-            "l2": best.l2,
-            "n_train": len(labels["train"]),
-            "n_val": len(labels["val"]),
-            "n_test": len(labels["test"]),
-            "dim": int(feats["test"][endpoint].shape[1]),
-            "iterations": best.iterations,
-            "converged": bool(best.converged),
-            "train_top1": point.train_top1,
-            "val_top1": point.val_top1,
-            "test_top1": sweep.accuracy(feats["test"][endpoint], labels["test"]),
-            "seconds": time.perf_counter() - t0,
-            "l2_path": [
-                {"l2": p.l2, "val_top1": p.val_top1, "iterations": p.iterations}
-                for p in sweep.table
-            ],
-            "splits": splits,
-            "solver": {
-                "precision": precision,
-                "tolerance": tolerance,
-                "max_iterations": max_iterations,
-                "standardize": standardize,
-                "l2_grid": list(l2_grid),
-                "pp_probe": pp_probe,
-            },
+        for name in protocols:
+            for subset in subsets:
+                protocol = protocols_lib.protocol_record(
+                    name,
+                    settings,
+                    dataset=dataset,
+                    splits=splits,
+                    pp=pp_probe,
+                    pooling=features_lib.POOLING,
+                    subset=subset,
+                    version=__version__,
+                )
+                out = protocols_lib.run_protocol(
+                    name, split_entries, subset=subset, settings=settings
+                )
+                row = _probe_row(
+                    model_name, endpoint, protocol, out, split_entries, workdir
+                )
+                row["dataset"], row["features"] = dataset, features
+                if published_top1 is not None:
+                    row["published_top1"] = published_top1
+                logging.info(
+                    "Probe %s/%s %s %s: val %s, test %.2f%% (%.1fs).",
+                    model_name,
+                    endpoint,
+                    name,
+                    subsets_lib.subset_name(subset),
+                    "-" if row["val_top1"] is None else f"{100 * row['val_top1']:.2f}%",
+                    100 * row["test_top1"],
+                    row["seconds"],
+                )
+                results_lib.append_result(results_file, row)
+                rows.append(row)
+    return rows
+
+
+def _probe_row(model_name, endpoint, protocol, out, split_entries, workdir) -> dict:
+    """A results.jsonl row: identity, fingerprint, result fields (linear_probe)."""
+    row = {
+        "model": model_name,
+        "endpoint": endpoint,
+        "protocol": protocol["protocol"],
+        "subset": protocol["subset"],
+        "fingerprint": fingerprint_lib.protocol_fingerprint(protocol),
+        "n_train": out.pop("n_train"),
+        "n_val": split_entries.val.num_examples,
+        "n_test": split_entries.test.num_examples,
+        "dim": split_entries.test.dim,
+    }
+    row.update(out)
+    row.update(
+        {
+            "splits": protocol["splits"],
+            "protocol_spec": protocol,
             "workdir": os.path.abspath(workdir),
             "version": __version__,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        if published_top1 is not None:
-            row["published_top1"] = published_top1
-        logging.info(
-            "Probe %s/%s: l2 %.0e, train %.2f%%, val %.2f%%, test %.2f%% "
-            "(%d iterations, converged %s, %.1fs).",
-            model_name,
-            endpoint,
-            row["l2"],
-            100 * row["train_top1"],
-            100 * row["val_top1"],
-            100 * row["test_top1"],
-            row["iterations"],
-            row["converged"],
-            row["seconds"],
-        )
-        results_lib.append_result(os.path.join(workdir, "probe", "results.jsonl"), row)
-        rows.append(row)
-    return rows
+    )
+    return row
 
 
-def report(paths: Sequence[str]) -> str:
-    """Markdown table of the probe results found in ``paths`` (workdirs/files)."""
-    return tables.probe_table(results_lib.read_results(paths))
+def report(paths: Sequence[str], kind: str = "auto") -> str:
+    """Markdown tables of the probe results found in ``paths`` (workdirs/files).
+
+    Args:
+      paths: workdirs or results.jsonl files.
+      kind: ``"probe"`` (one line per result), ``"endpoints"`` (model x
+        endpoint, paper Fig. 5), ``"subsets"`` (model x label fraction, paper
+        Fig. 7), or ``"auto"``: the probe table plus each of the other two
+        that has more than one column.
+    """
+    return tables.report_tables(results_lib.read_results(paths), kind=kind)
+
+
+def _record_permutations(model: keras.Model, workdir: str) -> None:
+    """Writes a patch model's table to ``workdir/permutations.{bin,json}``.
+
+    The Jigsaw permutation set actually used (reference 4.6), in the original
+    binary format, plus its SHA-256 and Hamming statistics. Nothing for models
+    without a table.
+    """
+    table = pretext_lib.get_table(model)
+    if table is None or table.shape[-1] != permutations_lib.PERM_LENGTH:
+        return
+    path = os.path.join(workdir, "permutations.bin")
+    permutations_lib.write_permutation_file(path, table)
+    info = {
+        **permutations_lib.hamming_stats(table),
+        "sha256": permutations_lib.file_sha256(path),
+        "is_reference_set": permutations_lib.file_sha256(path)
+        == permutations_lib.REFERENCE_SHA256,
+        "file": "permutations.bin (int32 LE: n, 9, then 1-based rows)",
+    }
+    _write_json_atomic(os.path.join(workdir, "permutations.json"), info)
+    logging.info(
+        "Jigsaw permutations: %d, Hamming min %d mean %.3f; recorded in %s.",
+        info["num_permutations"],
+        info["min_hamming"],
+        info["mean_hamming"],
+        path,
+    )
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:

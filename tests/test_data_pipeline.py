@@ -151,6 +151,25 @@ def test_preprocess_fn_is_applied():
         )
 
 
+def test_batch_preprocess_fn_sees_whole_per_replica_batches():
+    def per_batch(batch):
+        # One draw per batch, broadcast to its rows (as jigsaw_perms does).
+        draw = tf.random.uniform([], 0, 1000, tf.int64)
+        return {**batch, "draw": tf.fill(tf.shape(batch["label"]), draw)}
+
+    ds = make_train_dataset(
+        _source(12),
+        _identity,
+        global_batch_size=4,
+        input_context=_context(0, 1, 2),
+        seed=0,
+        batch_preprocess_fn=per_batch,
+    )
+    draws = [b["draw"].numpy() for b in ds.take(6)]
+    assert all(d.shape == (2,) and d[0] == d[1] for d in draws)
+    assert len({int(d[0]) for d in draws}) > 1
+
+
 def test_callable_source_and_bad_source():
     ds = make_eval_dataset(lambda: _source(3), _identity, batch_size=3)
     assert _labels(ds) == [[0, 1, 2]]

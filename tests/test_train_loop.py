@@ -157,18 +157,27 @@ def test_train_updates_equal_on_two_replicas(tmp_path):
     batch = _batch(1)
     single = tf.distribute.get_strategy()
     model1, opt1 = _model_and_optimizer(single)
+    initial = model1.get_weights()
     mirrored = _two_cpus()
-    model2, opt2 = _model_and_optimizer(mirrored, weights=model1.get_weights())
+    model2, opt2 = _model_and_optimizer(mirrored, weights=initial)
     for name, model, opt, strategy in (
         ("one", model1, opt1, single),
         ("two", model2, opt2, mirrored),
     ):
         metrics = _train(model, opt, strategy, batch, str(tmp_path / name), 1)
         assert metrics["step"] == 1
-    # float32: ~1e-5 noise (see the float64 test above); a wrong loss scaling
-    # (e.g. gradients not averaged over replicas) moves weights by ~lr * g ~ 1e-2.
-    for w1, w2 in zip(model1.get_weights(), model2.get_weights(), strict=True):
-        np.testing.assert_allclose(w1, w2, rtol=1e-3, atol=2e-5)
+    # Compare the updates w - w0 of one real (float32) step, per tensor, in
+    # norm. One device uses the fused BN kernel and two replicas Keras'
+    # synchronized moments, so channels with near-zero variance (1x1 maps
+    # here) can differ by a few percent of the update (measured: up to 5%);
+    # replica-local BN statistics give 150-500% (measured with
+    # sync_batchnorm=False). The float64 test above is the tight check.
+    trained = zip(initial, model1.get_weights(), model2.get_weights(), strict=True)
+    for w0, w1, w2 in trained:
+        update1, update2 = w1 - w0, w2 - w0
+        norm = np.linalg.norm(update1)
+        if norm > 0:
+            assert np.linalg.norm(update1 - update2) <= 0.2 * norm
 
 
 def test_train_counts_steps_checkpoints_and_resumes(tmp_path):

@@ -13,7 +13,8 @@ Contract:
   as ``train[:1000]``. Nothing is ever downloaded.
 * ``pipeline.make_train_dataset(source, pp_fn, global_batch_size=...,
   input_context=...)`` -> shard -> [cache] -> shuffle -> repeat -> map(pp) ->
-  batch(per-replica, drop_remainder) -> prefetch: the ``input_fn`` body for
+  batch(per-replica, drop_remainder) -> [map(batch pp)] -> prefetch: the
+  ``input_fn`` body for
   ``strategy.distribute_datasets_from_function``.
   ``pipeline.make_eval_dataset`` -> one ordered pass keeping the last
   partial batch.

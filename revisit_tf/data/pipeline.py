@@ -90,6 +90,7 @@ def make_train_dataset(
     shuffle_buffer: int = 10_000,
     seed: int | None = None,
     cache: bool = False,
+    batch_preprocess_fn: PreprocessFn | None = None,
 ) -> tf.data.Dataset:
     """Builds the endless, shuffled training pipeline of one input pipeline.
 
@@ -108,6 +109,10 @@ def make_train_dataset(
         reorder elements for speed.
       cache: Cache the (sharded, not preprocessed) source in memory after the
         first epoch; for sources that fit in RAM.
+      batch_preprocess_fn: ``dict -> dict`` applied to every per-replica
+        batch (leaves ``[per_replica_batch_size, ...]``), for per-batch
+        randomness such as the Jigsaw permutation subset that the reference
+        shares among all images of a (per-replica) batch (reference 4.3).
 
     Returns:
       An infinite dataset of dicts whose leaves are ``[per_replica_batch_size,
@@ -145,6 +150,8 @@ def make_train_dataset(
     # drop_remainder: a static batch dimension, needed on TPU and by ops that
     # slice the batch in Python (reference 11.2 item 8; style guide 4.3).
     ds = ds.batch(per_replica_batch_size, drop_remainder=True)
+    if batch_preprocess_fn is not None:
+        ds = ds.map(batch_preprocess_fn, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(deterministic=seed is not None))
 

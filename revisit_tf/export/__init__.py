@@ -13,6 +13,11 @@ Contract:
   (``__call__(images, training)``, ``variables``, ``trainable_variables``,
   ``regularization_losses``) for fine-tuning. Metadata describing the input
   lives in ``assets.extra/revisit_tf_export.json``.
+* Patch models (Jigsaw, RPL; reference 8.3): the export cuts the patches
+  itself, runs the trunk per patch, max-pools each map to at most 9000
+  features (``pool_to_budget``, reference 8.2) and averages every endpoint
+  over the patches; signature ``patches`` takes ``[N, P, h, w, C]`` patches
+  in [0, 1].
 * Consumers: the linear probe (stage 6) via ``load`` or ``tf.saved_model.load``;
   Keras 3 via ``keras.layers.TFSMLayer(path, call_endpoint=...)``; Keras 2
   (``tf_keras``) via ``hub.KerasLayer(path, trainable=...)``.
@@ -22,22 +27,28 @@ See ``revisit_tf.export.saved_model`` for the details and design choices.
 
 from revisit_tf.export.saved_model import (
     DEFAULT_OUTPUT_KEY,
+    FEATURE_BUDGET,
     INPUT_KEY,
     INPUT_VALUE_RANGE,
+    PATCHES_SIGNATURE,
     REPRESENTATION_SIGNATURE,
     SERVING_SIGNATURE,
     export_saved_model,
     load,
+    pool_to_budget,
     read_metadata,
 )
 
 __all__ = [
     "DEFAULT_OUTPUT_KEY",
+    "FEATURE_BUDGET",
     "INPUT_KEY",
     "INPUT_VALUE_RANGE",
+    "PATCHES_SIGNATURE",
     "REPRESENTATION_SIGNATURE",
     "SERVING_SIGNATURE",
     "export_saved_model",
     "load",
+    "pool_to_budget",
     "read_metadata",
 ]

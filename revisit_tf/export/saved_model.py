@@ -39,6 +39,16 @@ Contract of the exported directory (``export_saved_model``):
   call_endpoint="serving_default" | "representation")``, which finds the
   functions of the same names on the root object (signature functions
   themselves only accept keyword arguments).
+* Patch models (Jigsaw, RPL; reference 8.3): when ``preprocess`` returns
+  patches ``[N, P, h, w, C]`` (e.g. ``crop_patches(3)|standardize``), every
+  function runs the trunk on the ``N * P`` patches, max-pools each rank-4
+  endpoint of each patch to at most ``FEATURE_BUDGET`` (9000) features
+  (reference 8.2, window = stride = ``ceil(sqrt(h w C / 9000))``, "valid")
+  and averages every endpoint over the ``P`` patches, so all outputs are
+  per image. A third signature ``patches`` takes ``patches`` float32
+  ``[N, P, h, w, C]`` in [0, 1] directly (``patch_preprocess``, e.g.
+  ``standardize``, runs inside) and returns the same dict as
+  ``serving_default``.
 * ``assets.extra/revisit_tf_export.json`` records the expected input (key,
   dtype, shape, value range), the endpoint shapes, the feature endpoint and
   optional caller metadata, readable without TensorFlow; ``load`` checks it.
@@ -64,6 +74,7 @@ is the caller's job; this module only sees the in-memory model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from collections.abc import Callable, Mapping
@@ -78,6 +89,10 @@ INPUT_KEY = "images"
 DEFAULT_OUTPUT_KEY = "default"
 SERVING_SIGNATURE = "serving_default"
 REPRESENTATION_SIGNATURE = "representation"
+PATCHES_SIGNATURE = "patches"
+PATCHES_INPUT_KEY = "patches"
+# Reference 8.2: fixed target of 9000 features per endpoint (per patch, 8.3).
+FEATURE_BUDGET = 9000
 INPUT_VALUE_RANGE = (0.0, 1.0)
 METADATA_DIR = "assets.extra"
 METADATA_FILE = "revisit_tf_export.json"
@@ -96,6 +111,7 @@ def export_saved_model(
     feature_endpoint: str = "pre_logits",
     overwrite: bool = True,
     metadata: Mapping[str, Any] | None = None,
+    patch_preprocess: Preprocess | None = None,
 ) -> str:
     """Exports ``model`` as a SavedModel with the contract of this module.
 
@@ -117,6 +133,10 @@ def export_saved_model(
       metadata: optional JSON-serializable mapping stored under
         ``"user_metadata"`` in the export's metadata file (e.g. the pretext task
         and the training step).
+      patch_preprocess: for patch models (``preprocess`` returns
+        ``[N, P, h, w, C]``): maps ``[N, P, h, w, C]`` patches in [0, 1] to the
+        trunk's input (e.g. per-patch standardization) for the ``patches``
+        signature. ``None``: patches are fed unchanged.
 
     Returns:
       ``path`` as a string (without a trailing separator).
@@ -152,8 +172,16 @@ def export_saved_model(
         )
 
     # Everything is traced (and so validated) before anything touches disk.
+    if patch_preprocess is not None and not callable(patch_preprocess):
+        raise ValueError(
+            f"patch_preprocess must be a callable or None, got {patch_preprocess!r}."
+        )
     root, signatures = _build_root(
-        model, image_shape, preprocess or (lambda x: x), feature_endpoint
+        model,
+        image_shape,
+        preprocess or (lambda x: x),
+        feature_endpoint,
+        patch_preprocess or (lambda x: x),
     )
     meta = _make_metadata(signatures, image_shape, feature_endpoint, user_metadata)
 
@@ -332,11 +360,44 @@ def _pool_features(features: tf.Tensor, name: str) -> tf.Tensor:
     )
 
 
+def pool_to_budget(x: tf.Tensor, budget: int = FEATURE_BUDGET) -> tf.Tensor:
+    """Max-pools ``[N, h, w, C]`` so that ``h' * w' * C <= budget`` (ref 8.2).
+
+    Window = stride = ``ceil(sqrt(h w C / budget))`` clamped to ``[1, min(h,
+    w)]``, "valid" padding (border rows/columns that do not fill a window are
+    dropped, reference 11.2 item 12). Other ranks are returned unchanged.
+    """
+    if x.shape.rank != 4:
+        return x
+    h, w, c = x.shape[1:]
+    if h is None or w is None or c is None or h * w * c <= budget:
+        return x
+    window = min(max(1, math.ceil(math.sqrt(h * w * c / budget))), h, w)
+    return tf.nn.max_pool2d(x, ksize=window, strides=window, padding="VALID")
+
+
+def _combine_patches(
+    outputs: Mapping[str, tf.Tensor], num_patches: int
+) -> dict[str, tf.Tensor]:
+    """Per-patch endpoints ``[N*P, ...]`` -> per-image means (reference 8.3).
+
+    Rank-4 maps are first pooled to the feature budget per patch.
+    """
+    combined = {}
+    for name, value in outputs.items():
+        value = pool_to_budget(value)
+        shape = value.shape[1:]
+        per_image = tf.reshape(value, [-1, num_patches, *shape])  # [N, P, ...]
+        combined[name] = tf.reduce_mean(per_image, axis=1)
+    return combined
+
+
 def _build_root(
     model: keras.Model,
     image_shape: tuple[int | None, int | None, int],
     preprocess: Preprocess,
     feature_endpoint: str,
+    patch_preprocess: Preprocess = lambda x: x,
 ) -> tuple[tf.train.Checkpoint, dict[str, Any]]:
     """Builds and traces the object to save.
 
@@ -365,8 +426,23 @@ def _build_root(
         with tf.control_dependencies(checks):
             return tf.identity(images)
 
+    def run_model(inputs: tf.Tensor, training: bool) -> Mapping[str, tf.Tensor]:
+        if inputs.shape.rank != 5:
+            return model(inputs, training=training)
+        # Patches [N, P, h, w, C]: one trunk pass over N*P patches, then the
+        # per-image average of the (pooled) endpoints (reference 8.3).
+        num_patches = inputs.shape[1]
+        flat = tf.reshape(inputs, [-1, *inputs.shape[2:]])
+        outputs = model(flat, training=training)
+        if not isinstance(outputs, Mapping):
+            return outputs
+        return _combine_patches(outputs, num_patches)
+
     def endpoints(images: tf.Tensor, training: bool) -> dict[str, tf.Tensor]:
-        outputs = model(preprocess(check_images(images)), training=training)
+        outputs = run_model(preprocess(check_images(images)), training=training)
+        return check_outputs(outputs)
+
+    def check_outputs(outputs) -> dict[str, tf.Tensor]:
         if not isinstance(outputs, Mapping) or not all(
             isinstance(k, str) for k in outputs
         ):
@@ -412,12 +488,36 @@ def _build_root(
     call_fn.get_concrete_function(image_spec, training=False)
     call_fn.get_concrete_function(image_spec, training=True)
 
+    # Patch models: the trunk input after `preprocess` is [N, P, h, w, C].
+    trunk_input = tf.function(preprocess, autograph=False).get_concrete_function(
+        image_spec
+    )
+    trunk_input_shape = trunk_input.structured_outputs.shape
+    patches_fn = None
+    if trunk_input_shape.rank == 5:
+        patch_spec = tf.TensorSpec(
+            [None, *trunk_input_shape[1:]], tf.float32, name=PATCHES_INPUT_KEY
+        )
+
+        def serve_patches(patches: tf.Tensor) -> dict[str, tf.Tensor]:
+            inputs = patch_preprocess(patches)
+            outputs = check_outputs(run_model(inputs, training=False))
+            pooled = _pool_features(outputs[feature_endpoint], feature_endpoint)
+            return {**outputs, DEFAULT_OUTPUT_KEY: pooled}
+
+        patches_fn = tf.function(
+            serve_patches, input_signature=[patch_spec], autograph=False
+        )
+        signatures[PATCHES_SIGNATURE] = patches_fn.get_concrete_function()
+
     root = tf.train.Checkpoint()
     root.__call__ = call_fn
     # Also plain attributes: signature functions accept keyword arguments only,
     # while TFSMLayer(call_endpoint=...) calls its endpoint with one positional.
     setattr(root, SERVING_SIGNATURE, serve_fn)
     setattr(root, REPRESENTATION_SIGNATURE, representation_fn)
+    if patches_fn is not None:
+        setattr(root, PATCHES_SIGNATURE, patches_fn)
     root.variables = list(model.variables)
     root.trainable_variables = list(model.trainable_variables)
     # Same terms as keras' Layer.losses: the regularizer of each trainable weight.
@@ -446,6 +546,17 @@ def _make_metadata(
 ) -> dict[str, Any]:
     """Returns the JSON-able description of the export (see ``read_metadata``)."""
     outputs = signatures[REPRESENTATION_SIGNATURE].structured_outputs
+    patches = None
+    if PATCHES_SIGNATURE in signatures:
+        (spec,) = signatures[PATCHES_SIGNATURE].structured_input_signature[0]
+        shape = spec.shape.as_list()
+        patches = {
+            "key": PATCHES_INPUT_KEY,
+            "shape": shape,
+            "num_patches": shape[1],
+            "combine": "mean over patches after max-pooling each to "
+            f"{FEATURE_BUDGET} features (reference 8.3)",
+        }
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -462,7 +573,8 @@ def _make_metadata(
             name: {"shape": t.shape.as_list(), "dtype": t.dtype.name}
             for name, t in sorted(outputs.items())
         },
-        "signatures": [SERVING_SIGNATURE, REPRESENTATION_SIGNATURE],
+        "signatures": sorted(signatures),
+        "patches": patches,
         "user_metadata": user_metadata,
     }
 

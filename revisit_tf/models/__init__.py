@@ -1,4 +1,4 @@
-"""Stage 3 of the data flow: trunks (and, later, pretext heads) as Keras models.
+"""Stage 3 of the data flow: trunks, pretext heads and pretext models (Keras).
 
 Contract:
 
@@ -33,9 +33,23 @@ Builders:
   memory-saving reversible backpropagation.
 * ``build_vgg19`` - VGG19 with batch norm (reference 5.3); it also has
   ``block5`` and ``fc6`` endpoints and no ``after_root``.
+* ``heads`` - the Jigsaw/RPL patch head (``build_patch_head``,
+  ``PatchCombine``; reference 4.3, 4.4).
+* ``pretext`` - trunk + head pretext models for the patch tasks
+  (``build_jigsaw_model``, ``build_rel_patch_model``); Rotation, Exemplar and
+  the supervised baseline use the trunk's own ``logits``.
 """
 
 from revisit_tf.models.factory import ARCHITECTURES, build_trunk
+from revisit_tf.models.heads import PatchCombine, build_patch_head
+from revisit_tf.models.pretext import (
+    REL_PATCH_TABLE,
+    build_jigsaw_model,
+    build_patch_model,
+    build_rel_patch_model,
+    get_table,
+    get_trunk,
+)
 from revisit_tf.models.resnet import ENDPOINTS, build_resnet, count_params
 from revisit_tf.models.revnet import build_revnet
 from revisit_tf.models.vgg import build_vgg19
@@ -43,9 +57,17 @@ from revisit_tf.models.vgg import build_vgg19
 __all__ = [
     "ARCHITECTURES",
     "ENDPOINTS",
+    "REL_PATCH_TABLE",
+    "PatchCombine",
+    "build_jigsaw_model",
+    "build_patch_head",
+    "build_patch_model",
+    "build_rel_patch_model",
     "build_resnet",
     "build_revnet",
     "build_trunk",
     "build_vgg19",
     "count_params",
+    "get_table",
+    "get_trunk",
 ]

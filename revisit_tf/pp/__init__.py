@@ -39,7 +39,14 @@ Modules:
 * ``utils``      - ``in_key_out_key`` decorator, stack and validation helpers.
 * ``ops_image``  - decode, resize, resize_small, central_crop, random_crop,
   inception_crop, flip_lr, to_gray, value_range, standardize, keep.
-* ``ops_pretext`` - rotate4 (image -> 4 rotated views + labels ``[0, 1, 2, 3]``).
+* ``ops_image``  - also color_distort and inception_preprocess (reference
+  3.2, the supervised chain).
+* ``ops_pretext`` - rotate4 (image -> 4 rotated views + labels ``[0, 1, 2, 3]``),
+  exemplar_copies (image -> K Inception-augmented copies + surrogate ids).
+* ``ops_patches`` - crop_patches (3x3 grid), jigsaw_perms (permutation-index
+  labels, per example or per batch), rel_patch_pairs (labels ``[0..7]``).
+* ``permutations`` - the Jigsaw permutation set (greedy maximal Hamming,
+  or a validated file in the original binary format).
 """
 
 from revisit_tf.pp.builder import get_preprocess_fn

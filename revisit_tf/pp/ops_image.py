@@ -568,3 +568,180 @@ def get_keep(*keys: str) -> OpFn:
         return {k: data[k] for k in keys}
 
     return _keep
+
+
+def _to_unit_float(image: tf.Tensor) -> tf.Tensor:
+    """uint8 -> float32 ``x / 255``; float images are assumed in [0, 1]."""
+    if image.dtype.is_integer:
+        return tf.cast(image, tf.float32) / 255.0
+    return tf.cast(image, tf.float32)
+
+
+def _color_distort_one(
+    image: tf.Tensor, brightness: float, saturation: tuple[float, float]
+) -> tf.Tensor:
+    """Fast-mode Inception colour distortion of one float image in [0, 1]."""
+    if brightness > 0:
+        delta = tf.random.uniform([], -brightness, brightness)
+        image = image + delta
+    if image.shape[-1] == 3 and saturation != (1.0, 1.0):
+        factor = tf.random.uniform([], saturation[0], saturation[1])
+        image = tf.image.adjust_saturation(image, factor)
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def _check_color_args(op: str, brightness: Any, saturation: Any):
+    if not utils.is_number(brightness) or not 0 <= brightness <= 1:
+        raise ValueError(
+            f"{op}: `brightness` must be a number in [0, 1] (max |delta| on the "
+            f"[0, 1] scale), got {brightness!r}."
+        )
+    if not (
+        isinstance(saturation, tuple | list)
+        and len(saturation) == 2
+        and all(utils.is_number(s) for s in saturation)
+        and 0 <= saturation[0] <= saturation[1]
+    ):
+        raise ValueError(
+            f"{op}: `saturation` must be (lo, hi) with 0 <= lo <= hi, got "
+            f"{saturation!r}."
+        )
+    return float(brightness), (float(saturation[0]), float(saturation[1]))
+
+
+@register("color_distort")
+@utils.in_key_out_key
+def get_color_distort(
+    brightness: float = 32.0 / 255.0, saturation: tuple[float, float] = (0.5, 1.5)
+) -> ImageFn:
+    """Inception "fast mode" colour distortion (reference 3.2, training step 4).
+
+    On float images in [0, 1]: add a uniform brightness delta in
+    ``[-brightness, brightness]``, then scale the saturation by a uniform
+    factor in ``saturation`` (3-channel images only; it is a no-op on gray
+    pixels), then clip to [0, 1]. One draw per image / stack element.
+
+    Args:
+        brightness: maximum |delta| (reference: 32 / 255).
+        saturation: ``(lo, hi)`` factor range (reference: (0.5, 1.5)).
+
+    Returns:
+        An image function: float ``[..., H, W, C]`` in [0, 1] -> float32, same
+        shape, in [0, 1].
+    """
+    brightness, saturation = _check_color_args("color_distort", brightness, saturation)
+
+    def _color_distort(image: tf.Tensor) -> tf.Tensor:
+        utils.check_image_rank("color_distort", image)
+        return utils.map_per_image(
+            "color_distort",
+            lambda x: _color_distort_one(
+                tf.cast(x, tf.float32), brightness, saturation
+            ),
+            image,
+            tf.float32,
+        )
+
+    return _color_distort
+
+
+def inception_preprocess_image(
+    image: tf.Tensor,
+    size: tuple[int, int],
+    *,
+    train: bool,
+    legacy: bool = False,
+    central_fraction: float = 0.875,
+    brightness: float = 32.0 / 255.0,
+    saturation: tuple[float, float] = (0.5, 1.5),
+) -> tf.Tensor:
+    """The full Inception preprocessing of one ``[H, W, C]`` image (ref 3.2).
+
+    Training: distorted-bounding-box crop (covering >= 10% of the image,
+    aspect ratio [0.75, 1.33], area [0.05, 1], 100 attempts, whole image as
+    fallback), bilinear resize to ``size``, random left-right flip, fast-mode
+    colour distortion (brightness then saturation, clip), map to [-1, 1].
+    Evaluation: central crop keeping ``central_fraction`` of each side
+    (offsets ``int((h - 0.875 h) / 2)``), bilinear resize, map to [-1, 1].
+
+    Args:
+        image: uint8 (divided by 255) or float in [0, 1], ``[H, W, C]``.
+        size: ``(h, w)`` of the output.
+        train: training or evaluation branch.
+        legacy: TF1 resize pixel mapping (see ``resize``).
+        central_fraction: evaluation crop fraction (0.875).
+        brightness, saturation: colour distortion ranges (``color_distort``).
+
+    Returns:
+        float32 ``[h, w, C]`` in [-1, 1].
+    """
+    x = _to_unit_float(image)
+    if train:
+        begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
+            tf.shape(x),
+            bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+            min_object_covered=0.1,
+            aspect_ratio_range=[0.75, 1.33],
+            area_range=[0.05, 1.0],
+            max_attempts=100,
+            use_image_if_no_bounding_boxes=True,
+        )
+        x = tf.slice(x, begin, crop_size)
+        x.set_shape([None, None, image.shape[-1]])
+        x = resize_image(x, size, "bilinear", legacy)
+        flip = tf.random.uniform([]) < 0.5
+        x = tf.where(flip, tf.reverse(x, axis=[-2]), x)
+        x = _color_distort_one(x, brightness, saturation)
+    else:
+        shape = tf.shape(x)
+        h = tf.cast(shape[0], tf.float64)
+        w = tf.cast(shape[1], tf.float64)
+        # int((h - fraction * h) / 2), as the slim code (truncation).
+        top = tf.cast((h - central_fraction * h) / 2, tf.int32)
+        left = tf.cast((w - central_fraction * w) / 2, tf.int32)
+        x = x[top : shape[0] - top, left : shape[1] - left, :]
+        x = resize_image(x, size, "bilinear", legacy)
+    x = (x - 0.5) * 2.0
+    return utils.with_static_hw(x, *size)
+
+
+@register("inception_preprocess")
+@utils.in_key_out_key
+def get_inception_preprocess(
+    size: Any = 224, train: bool = True, legacy: bool = False
+) -> ImageFn:
+    """The original's ``inception_preprocess`` op (reference 3.1, 3.2).
+
+    The supervised baseline's whole training chain (and Rotation's first
+    op): see :func:`inception_preprocess_image`. The composable equivalent
+    is ``inception_crop(size)|flip_lr|value_range(0, 1)|color_distort|
+    value_range(-1, 1, 0, 1)``.
+
+    Args:
+        size: ``s`` or ``(h, w)`` of the output.
+        train: the training branch (random crop, flip, colour) or the
+            evaluation branch (central 87.5% crop).
+        legacy: TF1 resize pixel mapping.
+
+    Returns:
+        An image function: uint8 ``[H, W, C]`` (or float in [0, 1]) -> float32
+        ``[h, w, C]`` in [-1, 1]; a stack ``[K, H, W, C]`` is processed per
+        element.
+    """
+    hw = utils.parse_size("inception_preprocess", "size", size)
+    for name, value in (("train", train), ("legacy", legacy)):
+        if not isinstance(value, bool):
+            raise ValueError(
+                f"inception_preprocess: `{name}` must be a bool, got {value!r}."
+            )
+
+    def _inception_preprocess(image: tf.Tensor) -> tf.Tensor:
+        utils.check_image_rank("inception_preprocess", image)
+        return utils.map_per_image(
+            "inception_preprocess",
+            lambda x: inception_preprocess_image(x, hw, train=train, legacy=legacy),
+            image,
+            tf.float32,
+        )
+
+    return _inception_preprocess

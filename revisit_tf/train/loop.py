@@ -35,6 +35,9 @@ from revisit_tf.train import losses as losses_lib
 from revisit_tf.train import strategy as strategy_lib
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+# (labels [rows], logits [rows, C]) -> per-row values [rows], or a dict of
+# them; the loop reports each as the fraction of rows (a tensor is "accuracy").
+MetricFn = Callable[[tf.Tensor, tf.Tensor], "tf.Tensor | dict[str, tf.Tensor]"]
 
 
 def flatten_views(batch: dict) -> tuple[tf.Tensor, tf.Tensor]:
@@ -56,9 +59,50 @@ def flatten_views(batch: dict) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def rows_per_example(element_spec: dict) -> int:
-    """Number of network inputs per source image (K, e.g. 4 for Rotation)."""
-    shape = element_spec["image"].shape
-    return int(shape[1]) if shape.rank == 5 else 1
+    """Loss rows per source image: ``K`` of the ``[B, K]`` labels, else 1.
+
+    Rotation 4, Exemplar 8 (copies), Jigsaw 8 (permutations per image, while
+    the image holds 9 patches), RPL 8 (pairs), supervised 1.
+    """
+    shape = element_spec["label"].shape
+    if shape.rank is not None and shape.rank >= 2:
+        return int(shape[1])
+    return 1
+
+
+def takes_labels(model: keras.Model) -> bool:
+    """True for models fed the whole batch dict (``{"image", "label"}``).
+
+    The patch-task models (``models.pretext``) read the permutation/pair
+    indices that ``pp`` wrote as ``label`` to combine patch embeddings; their
+    functional input is a dict with a ``label`` entry.
+    """
+    try:
+        inputs = model.input
+    except (AttributeError, ValueError):  # subclassed or unbuilt models
+        return False
+    return isinstance(inputs, dict) and "label" in inputs
+
+
+def model_inputs(model: keras.Model, batch: dict) -> tuple:
+    """``(inputs, labels [rows])``: what to feed ``model`` and the loss labels.
+
+    Image models get ``flatten_views(batch)`` images; models that take labels
+    get the batch dict (images ``[B, P, h, w, C]``, labels ``[B, K]``, the
+    model flattens the patches itself) and the labels flattened image-major.
+    """
+    if takes_labels(model):
+        inputs = {"image": batch["image"], "label": batch["label"]}
+        return inputs, tf.reshape(batch["label"], [-1])
+    return flatten_views(batch)
+
+
+def metric_sums(metric_fn: MetricFn, labels, logits) -> dict[str, tf.Tensor]:
+    """Sums of the per-row metrics over this replica's rows, by name."""
+    values = metric_fn(labels, logits)
+    if not isinstance(values, dict):
+        values = {"accuracy": values}
+    return {k: tf.reduce_sum(tf.cast(v, tf.float32)) for k, v in values.items()}
 
 
 def loss_and_gradients(
@@ -67,32 +111,53 @@ def loss_and_gradients(
     batch: dict,
     *,
     global_rows: int,
-) -> tuple[tf.Tensor, tf.Tensor, list[tf.Tensor], tf.Tensor]:
+    optimizer: keras.optimizers.Optimizer | None = None,
+    metric_fn: MetricFn = losses_lib.correct_top1,
+) -> tuple[tf.Tensor, tf.Tensor, list[tf.Tensor], dict[str, tf.Tensor]]:
     """One replica's share of a training step (call inside ``strategy.run``).
 
     Args:
       model: returns a dict with ``logits`` ``[rows, num_classes]``.
       loss_fn: per-row loss ``(labels [rows], logits) -> [rows]``.
-      batch: this replica's batch ``{"image", "label"}`` (see flatten_views).
-      global_rows: network rows in the *global* batch (global batch x K).
+      batch: this replica's batch ``{"image", "label"}`` (see model_inputs).
+      global_rows: loss rows in the *global* batch (global batch x K).
+      metric_fn: per-row metric(s) (default: top-1 correct -> ``accuracy``).
+      optimizer: the optimizer that will apply the gradients; for a
+        ``keras.optimizers.LossScaleOptimizer`` (mixed_float16 trunks) the
+        gradients are those of its scaled loss, which ``apply_gradients``
+        unscales (skipping the step when they are not finite).
 
     Returns:
-      ``(loss, task_loss, gradients, num_correct)``: this replica's share of the
-      total loss and of the task loss (they sum to the global values over
+      ``(loss, task_loss, gradients, metric_sums)``: this replica's share of
+      the total loss and of the task loss (they sum to the global values over
       replicas), its gradients (summed over replicas by the optimizer) and its
-      count of correct top-1 predictions.
+      sums of the per-row metrics, by name (``accuracy``: correct top-1).
     """
-    images, labels = flatten_views(batch)
+    inputs, labels = model_inputs(model, batch)
     with tf.GradientTape() as tape:
-        logits = model(images, training=True)["logits"]
+        logits = model(inputs, training=True)["logits"]
         per_row = loss_fn(labels, logits)
         task_loss = tf.nn.compute_average_loss(per_row, global_batch_size=global_rows)
         loss = task_loss
         if model.losses:
             loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-    grads = tape.gradient(loss, model.trainable_variables)
-    correct = tf.reduce_sum(losses_lib.correct_top1(labels, logits))
+        loss_for_grads = loss
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            # mixed_float16: gradients of the scaled loss; apply_gradients
+            # unscales them and skips the step if they are not finite.
+            loss_for_grads = optimizer.scale_loss(loss)
+    grads = tape.gradient(loss_for_grads, model.trainable_variables)
+    correct = metric_sums(metric_fn, labels, logits)
     return loss, task_loss, grads, correct
+
+
+def uses_float16(model: keras.Model) -> bool:
+    """True if any layer computes in float16 (``mixed_float16`` policy).
+
+    Such a model needs loss scaling; bfloat16 has float32's exponent range
+    and does not.
+    """
+    return any(layer.compute_dtype == "float16" for layer in model.layers)
 
 
 class _Preemption:
@@ -138,6 +203,7 @@ def train(
     checkpoint_every: int = 1000,
     keep_checkpoints: int = 3,
     on_first_loop: Callable[[], None] | None = None,
+    metric_fn: MetricFn = losses_lib.correct_top1,
 ) -> dict[str, float]:
     """Trains ``model`` until the optimizer's step counter reaches ``total_steps``.
 
@@ -161,10 +227,13 @@ def train(
       keep_checkpoints: how many recent checkpoints to keep.
       on_first_loop: called once after the first outer loop of this process
         (the trainer binary writes gin's operative config there).
+      metric_fn: per-row pretext metric(s), reported as fractions of the rows
+        (a tensor is ``accuracy``; a dict gives one metric per key).
 
     Returns:
-      Metrics of the last outer loop: ``loss``, ``task_loss``, ``accuracy``,
-      ``learning_rate``, ``step``, ``images_per_sec`` (empty if nothing ran).
+      Metrics of the last outer loop: ``loss``, ``task_loss``, ``accuracy``
+      (and any other ``metric_fn`` key), ``learning_rate``, ``step``,
+      ``images_per_sec`` (empty if nothing ran).
     """
     if total_steps < 0 or steps_per_loop < 1 or checkpoint_every < 1:
         raise ValueError(
@@ -174,6 +243,12 @@ def train(
     chief = strategy_lib.is_chief(strategy)
     resolver = getattr(strategy, "cluster_resolver", None)
     with strategy.scope():
+        if uses_float16(model) and not isinstance(
+            optimizer, keras.optimizers.LossScaleOptimizer
+        ):
+            # mixed_float16 gradients underflow without loss scaling.
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            logging.info("mixed_float16 trunk: dynamic loss scaling.")
         optimizer.build(model.trainable_variables)
     ckpt = checkpoint_lib.Checkpointer(
         workdir,
@@ -193,10 +268,17 @@ def train(
     # The per-replica element spec, from a throwaway (never iterated) dataset.
     views = rows_per_example(dataset_fn(tf.distribute.InputContext()).element_spec)
     global_rows = global_batch_size * views
+    dummy_labels, dummy_logits = tf.zeros([2], tf.int32), tf.zeros([2, 8])
+    metric_names = sorted(metric_sums(metric_fn, dummy_labels, dummy_logits))
 
     def step_fn(batch):
         loss, task_loss, grads, correct = loss_and_gradients(
-            model, loss_fn, batch, global_rows=global_rows
+            model,
+            loss_fn,
+            batch,
+            global_rows=global_rows,
+            optimizer=optimizer,
+            metric_fn=metric_fn,
         )
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss, task_loss, correct
@@ -206,12 +288,15 @@ def train(
 
     @tf.function
     def train_loop(iterator, num_steps):
-        loss_sum = task_sum = correct_sum = tf.constant(0.0)
+        loss_sum = task_sum = tf.constant(0.0)
+        correct_sum = {k: tf.constant(0.0) for k in metric_names}
         for _ in tf.range(num_steps):
             loss, task_loss, correct = strategy.run(step_fn, args=(next(iterator),))
             loss_sum += _reduce_sum(loss)
             task_sum += _reduce_sum(task_loss)
-            correct_sum += _reduce_sum(correct)
+            correct_sum = {
+                k: correct_sum[k] + _reduce_sum(correct[k]) for k in metric_names
+            }
         return loss_sum, task_sum, correct_sum
 
     writer = (
@@ -262,7 +347,10 @@ def train(
                 "step": step,
                 "loss": loss_sum / num_steps,
                 "task_loss": float(task_sum) / num_steps,
-                "accuracy": float(correct_sum) / (num_steps * global_rows),
+                **{
+                    k: float(v) / (num_steps * global_rows)
+                    for k, v in correct_sum.items()
+                },
                 "learning_rate": lr,
                 "images_per_sec": rate * global_rows,
                 "examples_per_sec": rate * global_batch_size,
@@ -272,13 +360,13 @@ def train(
                 step,
                 total_steps,
                 metrics["loss"],
-                100 * metrics["accuracy"],
+                100 * metrics.get("accuracy", float("nan")),
                 lr,
                 metrics["images_per_sec"],
                 _format_duration((total_steps - step) / rate),
             )
             with writer.as_default(step=step):
-                for name in ("loss", "task_loss", "accuracy", "learning_rate"):
+                for name in ("loss", "task_loss", *metric_names, "learning_rate"):
                     tf.summary.scalar(f"train/{name}", metrics[name])
                 tf.summary.scalar("train/images_per_sec", metrics["images_per_sec"])
                 tf.summary.scalar("train/examples_per_sec", metrics["examples_per_sec"])
