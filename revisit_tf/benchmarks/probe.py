@@ -10,7 +10,10 @@ reads them back, and solves the same multinomial logistic regression
   * ``tfp``: the same with ``solver="tfp"`` (``tfp.optimizer.lbfgs_minimize``,
     the probe before this benchmark existed);
   * ``sklearn``: ``LogisticRegression(solver="lbfgs", C=C)``, float32 input,
-    its default ``tol=1e-4`` (the same gradient sup-norm as ours).
+    its default ``tol=1e-4`` (the same gradient sup-norm as ours); when that
+    stops above our loss, an extra ``sklearn tol=...`` row re-runs it with a
+    tighter ``tol`` until the losses are equal (within 1e-4), which is the
+    speed-up the goal is stated at.
 
 Every solution's objective ``J`` is recomputed here in float64 NumPy, and its
 top-1 on a held-out set, so losses and accuracies are compared on equal terms.
@@ -191,13 +194,14 @@ def _run_ours(x, y, args, solver: str) -> dict:
     }
 
 
-def _run_sklearn(x, y, args) -> dict:
+def _run_sklearn(x, y, args, tolerance: float | None = None) -> dict:
     import warnings
 
     from sklearn.linear_model import LogisticRegression
 
+    tol = args.tolerance if tolerance is None else tolerance
     model = LogisticRegression(
-        C=1.0 / (args.l2 * len(y)), solver="lbfgs", tol=args.tolerance, max_iter=1000
+        C=1.0 / (args.l2 * len(y)), solver="lbfgs", tol=tol, max_iter=1000
     )
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -241,12 +245,52 @@ def _size_rows(args, cache_dir: str, n: int, d: int) -> list[dict]:
         )
         rows.append(out)
     base = next((r for r in rows if r["solver"] == "sklearn"), None)
+    ours = next((r for r in rows if r["solver"] == "ours"), None)
+    if base is not None and ours is not None:
+        equal = _sklearn_at_equal_loss(
+            x, y, tx, ty, args, target=ours["loss"], default_loss=base["loss"]
+        )
+        if equal is not None:
+            rows.append(equal)
+            ours["speedup_vs_sklearn_equal_loss"] = equal["seconds"] / ours["seconds"]
     for r in rows:
         if base is not None:
             r["speedup_vs_sklearn"] = base["seconds"] / r["seconds"]
             r["loss_rel_diff_vs_sklearn"] = (r["loss"] - base["loss"]) / base["loss"]
             r["test_top1_diff_vs_sklearn"] = r["test_top1"] - base["test_top1"]
     return rows
+
+
+def _sklearn_at_equal_loss(
+    x, y, tx, ty, args, *, target: float, default_loss: float
+) -> dict | None:
+    """scikit-learn re-run with a tighter ``tol`` until its loss is ours.
+
+    With its default ``tol`` scikit-learn can stop at a loss above ours (its
+    criterion is the projected gradient, scaled differently); the speed-up
+    goal is "at equal final loss (within 1e-4 relative)", so this row times
+    scikit-learn at ``tol / 10``, ``/ 100``, ``/ 1000`` until its loss is within
+    1e-4 of ours (or lower). None if the default run already was.
+    """
+    n, d = x.shape
+    tol = args.tolerance
+    if default_loss <= target * (1 + 1e-4):
+        return None
+    for _ in range(3):
+        tol /= 10
+        _log.info("%dx%d: sklearn again at tol=%g for equal loss ...", n, d, tol)
+        out = _run_sklearn(x, y, args, tolerance=tol)
+        w, b = out.pop("weights"), out.pop("bias")
+        out.update(
+            solver=f"sklearn tol={tol:g}",
+            size=f"{n}x{d}",
+            loss=_objective(x, y, w, b, args.l2),
+            train_top1=_top1(x, y, w, b),
+            test_top1=_top1(tx, ty, w, b),
+        )
+        if out["loss"] <= target * (1 + 1e-4):
+            break
+    return out
 
 
 class _RssSampler:
@@ -381,6 +425,12 @@ def _table(rows: list[dict], streamed: dict | None) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
+    for r in rows:
+        if "speedup_vs_sklearn_equal_loss" in r:
+            text += (
+                f"\n{r['size']}: ours vs scikit-learn at equal loss (tighter tol): "
+                f"{r['speedup_vs_sklearn_equal_loss']:.2f}x"
+            )
     if streamed:
         s = streamed
         mb = 2**20

@@ -107,26 +107,13 @@ def apply_bottleneck_v1(
         x, filters=filters, stride=stride, name=name, data_format=data_format
     )
 
-    def bn(t: keras.KerasTensor, suffix: str) -> keras.KerasTensor:
-        return make_batchnorm(
-            name=f"{name}_{suffix}",
-            synchronized=sync_batchnorm,
-            data_format=data_format,
-            dtype=dtype,
-        )(t)
-
-    def conv(t: keras.KerasTensor, suffix: str, **kwargs) -> keras.KerasTensor:
-        return apply_conv(
-            t,
-            name=f"{name}_{suffix}",
-            weight_decay=weight_decay,
-            data_format=data_format,
-            dtype=dtype,
-            **kwargs,
-        )
-
-    def relu(t: keras.KerasTensor, suffix: str) -> keras.KerasTensor:
-        return keras.layers.ReLU(dtype=dtype, name=f"{name}_{suffix}")(t)
+    bn, conv, relu = _unit_layer_fns(
+        name,
+        weight_decay=weight_decay,
+        sync_batchnorm=sync_batchnorm,
+        data_format=data_format,
+        dtype=dtype,
+    )
 
     if stride > 1 or in_channels != filters:
         shortcut = conv(x, "proj_conv", filters=filters, kernel_size=1, stride=stride)
@@ -195,6 +182,47 @@ def apply_bottleneck_v2(
         x, filters=filters, stride=stride, name=name, data_format=data_format
     )
 
+    bn, conv, relu = _unit_layer_fns(
+        name,
+        weight_decay=weight_decay,
+        sync_batchnorm=sync_batchnorm,
+        data_format=data_format,
+        dtype=dtype,
+    )
+
+    a = bn(x, "preact_bn")
+    a = relu(a, "preact_relu")
+    if stride > 1 or in_channels != filters:
+        shortcut = conv(a, "proj_conv", filters=filters, kernel_size=1, stride=stride)
+    else:
+        shortcut = x
+
+    y = _apply_bottleneck_main(
+        a,
+        inner=inner,
+        filters=filters,
+        stride=stride,
+        bn=bn,
+        conv=conv,
+        relu=relu,
+    )
+    return keras.layers.Add(dtype=dtype, name=f"{name}_add")([y, shortcut])
+
+
+def _unit_layer_fns(
+    name: str,
+    *,
+    weight_decay: float,
+    sync_batchnorm: bool,
+    data_format: str,
+    dtype: str | None,
+) -> tuple[Callable[..., keras.KerasTensor], ...]:
+    """``bn(t, suffix)``, ``conv(t, suffix, ...)``, ``relu(t, suffix)`` of a unit.
+
+    Each creates one layer named ``{name}_{suffix}`` with the unit's options
+    and applies it to ``t``.
+    """
+
     def bn(t: keras.KerasTensor, suffix: str) -> keras.KerasTensor:
         return make_batchnorm(
             name=f"{name}_{suffix}",
@@ -216,23 +244,7 @@ def apply_bottleneck_v2(
     def relu(t: keras.KerasTensor, suffix: str) -> keras.KerasTensor:
         return keras.layers.ReLU(dtype=dtype, name=f"{name}_{suffix}")(t)
 
-    a = bn(x, "preact_bn")
-    a = relu(a, "preact_relu")
-    if stride > 1 or in_channels != filters:
-        shortcut = conv(a, "proj_conv", filters=filters, kernel_size=1, stride=stride)
-    else:
-        shortcut = x
-
-    y = _apply_bottleneck_main(
-        a,
-        inner=inner,
-        filters=filters,
-        stride=stride,
-        bn=bn,
-        conv=conv,
-        relu=relu,
-    )
-    return keras.layers.Add(dtype=dtype, name=f"{name}_add")([y, shortcut])
+    return bn, conv, relu
 
 
 def _apply_bottleneck_main(
