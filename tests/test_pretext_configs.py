@@ -19,7 +19,6 @@ import tensorflow_datasets as tfds
 import gin
 from revisit_tf import cli, configurables
 from revisit_tf.export import saved_model as export_lib
-from revisit_tf.models import factory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = ["rotation", "exemplar", "jigsaw", "rel_patch_location", "supervised"]
@@ -60,16 +59,6 @@ ROWS = {
 }
 
 
-def _landed(architecture):
-    """xfail marks for trunks the factory does not have yet (trunks issue)."""
-    return pytest.mark.xfail(
-        architecture not in factory.ARCHITECTURES,
-        reason=f"{architecture} not in build_trunk yet",
-        raises=ValueError,
-        strict=True,
-    )
-
-
 def test_table1_has_one_cell_per_paper_entry_with_its_trunk_and_number():
     files = sorted(glob.glob(os.path.join(REPO, "gin", "table1", "*.gin")))
     assert len(files) == len(ROWS) * len(COLUMNS) == 66
@@ -95,7 +84,7 @@ def _model_fn():
 
 @pytest.mark.parametrize(
     "row_key",
-    [pytest.param(k, marks=_landed(v[1])) for k, v in ROWS.items()],
+    list(ROWS),
 )
 @pytest.mark.parametrize(
     "task", ["rotation", "exemplar", "jigsaw", "rel_patch_location"]
