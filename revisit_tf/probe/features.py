@@ -13,15 +13,17 @@ cache keys and protocol fingerprints.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-# Reference 8.2: fixed target of 9000 features per endpoint.
-FEATURE_BUDGET = 9000
+from revisit_tf.export.saved_model import FEATURE_BUDGET
+from revisit_tf.export.saved_model import pool_to_budget as export_pool_to_budget
+
+# Reference 8.2: fixed target of 9000 features per endpoint (the export's
+# patch-averaging signature uses the same pooling).
 POOLING = f"max_to_{FEATURE_BUDGET}"
 _LOG_EVERY_BATCHES = 100
 
@@ -29,19 +31,12 @@ _LOG_EVERY_BATCHES = 100
 def pool_to_budget(x: tf.Tensor, budget: int = FEATURE_BUDGET) -> tf.Tensor:
     """Max-pools a ``[N, h, w, C]`` map so that ``h' * w' * C <= budget``.
 
-    Window = stride = ``ceil(sqrt(h*w*C / budget))`` clamped to ``[1, h]``,
-    "valid" padding, as reference 8.2 (``max`` mode). Rank-2 input is returned
-    unchanged.
+    ``export.pool_to_budget`` (reference 8.2, ``max`` mode), which this checks
+    the rank for: rank-2 input is returned unchanged, other ranks are errors.
     """
-    if x.shape.rank == 2:
-        return x
-    if x.shape.rank != 4:
+    if x.shape.rank not in (2, 4):
         raise ValueError(f"Expected an endpoint of rank 2 or 4; got shape {x.shape}.")
-    h, w, c = (int(d) for d in x.shape[1:])
-    if h * w * c <= budget:
-        return x
-    window = min(max(1, math.ceil(math.sqrt(h * w * c / budget))), h, w)
-    return tf.nn.max_pool2d(x, ksize=window, strides=window, padding="VALID")
+    return export_pool_to_budget(x, budget)
 
 
 def _flatten(x: tf.Tensor) -> np.ndarray:
