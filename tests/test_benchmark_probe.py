@@ -34,6 +34,22 @@ def test_tiny_benchmark_writes_complete_json(tmp_path, capsys):
         assert abs(row["test_top1_diff_vs_sklearn"]) <= 0.01
     assert rows["ours"]["iterations"] == rows["tfp"]["iterations"]
     assert rows["ours"]["function_evaluations"] < rows["tfp"]["function_evaluations"]
+    assert rows["ours"]["first_fit_overhead_seconds"] > 0
+    assert rows["sklearn"].get("first_fit_overhead_seconds") is None
+
+    # Equal-loss rows: each solver at the fewest iterations reaching the target.
+    equal = {r["solver"]: r for r in result["equal_loss"]}
+    assert set(equal) == {"ours", "sklearn"}
+    best = min(r["loss"] for r in rows.values())
+    for row in equal.values():
+        assert row["size"] == "600x16"
+        assert row["best_loss"] <= best
+        assert row["target_loss"] == pytest.approx(row["best_loss"] * (1 + 1e-4))
+        assert row["loss"] <= row["target_loss"]  # reached ...
+        assert row["loss_one_iteration_earlier"] > row["target_loss"]  # ... first
+        assert row["iterations"] <= row["iteration_cap"]
+        assert abs(row["test_top1_diff_vs_sklearn"]) <= 0.01
+    assert "Equal final loss" in table
 
     streamed = result["streamed"]
     assert streamed["feature_bytes"] >= 4 * streamed["budget_bytes"] - 4 * 16

@@ -335,3 +335,56 @@ def test_logit_line_search_solver_matches_tfp_lbfgs_with_fewer_passes(dtype, tol
 def test_unknown_solver_is_rejected():
     with pytest.raises(ValueError, match=r"solver must be one of \('lbfgs', 'tfp'\)"):
         lbfgs.fit_logistic_regression(_X, _Y, l2=0.1, solver="newton")
+
+
+@pytest.mark.parametrize(
+    "dtype, rtol, atol, iterations",
+    # float32: rounding in the line search changes the path near tolerance
+    # (18 vs 21 iterations on this problem), not the solution.
+    [(tf.float64, 1e-9, 1e-7, 0), (tf.float32, 1e-4, 1e-3, 5)],
+)
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_xla_variant_matches_the_default_kernels(
+    monkeypatch, dtype, rtol, atol, iterations, warm
+):
+    # Large matrices on a CPU take X d from XLA and fuse the O(N C) work
+    # (_uses_xla_product); the iterates must not change. Forced here on a
+    # small problem by lowering the size threshold.
+    rng = np.random.default_rng(11)
+    x, y = _gaussian_classes(rng, 300, 9, 4, spread=0.7)
+    initial = lbfgs.ProbeParams(rng.normal(size=(9, 4)) * 0.1, np.zeros(4))
+    kwargs = {
+        "num_classes": 4,
+        "l2": 1e-2,
+        "dtype": dtype,
+        "tolerance": 1e-9 if dtype == tf.float64 else 1e-5,
+        "initial": initial if warm else None,
+    }
+    assert not lbfgs._uses_xla_product(tf.zeros([300, 9]))
+    default = lbfgs.fit_logistic_regression(x, y, **kwargs)
+    monkeypatch.setattr(lbfgs, "_XLA_PRODUCT_MIN_ENTRIES", 1)
+    assert lbfgs._uses_xla_product(tf.zeros([300, 9]))
+    fused = lbfgs.fit_logistic_regression(x, y, **kwargs)
+    assert fused.converged and default.converged
+    assert abs(fused.iterations - default.iterations) <= iterations
+    assert fused.loss == pytest.approx(default.loss, rel=rtol)
+    np.testing.assert_allclose(fused.weights, default.weights, rtol=0, atol=atol)
+    expected = _numpy_objective(fused.weights, fused.bias, x, y, 1e-2)
+    assert fused.loss == pytest.approx(expected, rel=rtol)
+
+
+def test_finiteness_check_fast_path_and_overflow_fallback():
+    x = np.ones((50, 8), np.float32)
+    assert lbfgs._all_finite(x)
+    for bad in (np.inf, -np.inf, np.nan):
+        y = x.copy()
+        y[17, 3] = bad
+        assert not lbfgs._all_finite(y)
+    # Finite but the row sums overflow float32: the exact test accepts it.
+    big = np.full((4, 8), 3e38, np.float32)
+    assert not np.isfinite(big @ np.ones(8, np.float32)).all()
+    assert lbfgs._all_finite(big)
+    with pytest.raises(ValueError, match="row 2, column 5"):
+        z = x.copy()
+        z[2, 5] = np.nan
+        lbfgs.fit_logistic_regression(z, np.arange(50) % 3, l2=0.1)

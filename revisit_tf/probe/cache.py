@@ -51,6 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from revisit_tf.probe import arrays
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LABELS = "labels.npy"
@@ -270,7 +272,8 @@ class CachedFeatures:
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         """The whole float32 ``[N, D]`` matrix and int32 ``[N]`` labels (in memory)."""
-        out = np.empty([self.num_examples, self.dim], np.float32)
+        # Aligned, so that the probes hand it to TensorFlow without a copy.
+        out = arrays.aligned_empty((self.num_examples, self.dim), np.float32)
         start = 0
         for x, _ in self.iter_shards():
             out[start : start + len(x)] = x

@@ -19,7 +19,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from revisit_tf.probe import lbfgs
+from revisit_tf.probe import arrays, lbfgs
 
 
 @functools.cache
@@ -45,9 +45,11 @@ def _compiled_vote():
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    # float32, in an aligned buffer that arrays.as_tensor shares with TF.
+    out = arrays.aligned_empty(x.shape, np.float32)
+    np.copyto(out, x, casting="unsafe")
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out
 
 
 def knn_top1(
@@ -85,7 +87,7 @@ def knn_top1(
     num_classes = num_classes or lbfgs._infer_num_classes(train_y, query_y)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(train_y):
         raise ValueError(f"k must be an int in [1, {len(train_y)}]; got {k!r}.")
-    train = tf.constant(_unit_rows(train_x))
+    train = arrays.as_tensor(_unit_rows(train_x), tf.float32)
     labels = tf.constant(train_y)
     queries = _unit_rows(query_x)
     vote = _compiled_vote()

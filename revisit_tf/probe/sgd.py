@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from revisit_tf.probe import lbfgs
+from revisit_tf.probe import arrays, lbfgs
 from revisit_tf.train import optim
 
 HEADS = ("linear", "mlp")
@@ -164,7 +164,7 @@ def train_sgd_probe(
     Raises:
         ValueError: on malformed features/labels or bad settings.
     """
-    x = lbfgs._check_features(train_x, "train_x").astype(np.float32)
+    x = lbfgs._check_features(train_x, "train_x")
     num_classes = lbfgs._check_num_classes(num_classes)
     y = lbfgs._check_labels(train_y, "train_y", x.shape[0], num_classes)
     _check_args(head, batch_size, epochs, decay_epochs, hidden, x.shape[0])
@@ -187,7 +187,8 @@ def train_sgd_probe(
         decay_factor=decay_factor,
     )
     model = _Head(head, x.shape[1], num_classes, hidden, seed)
-    features, labels = tf.constant(x), tf.constant(y)
+    # float32, shared with x where possible (arrays.as_tensor): no [N, D] copy.
+    features, labels = arrays.as_tensor(x, tf.float32), tf.constant(y)
     names = sorted(model.vars)
 
     @tf.function
