@@ -950,7 +950,9 @@ def fit_logistic_regression(
             this does not depend on N; 1e-6 suits float64, use ~1e-4 in float32.
         initial: start point (warm start); default all zeros (``J = log C``).
         dtype: tf.float64 (default) or tf.float32 for the solver state and the
-            copy of the features it works on.
+            features it works on. Features already in that dtype, C-contiguous
+            and 64-byte aligned (what the feature cache returns) are shared
+            with TensorFlow; others are converted once (``arrays.as_tensor``).
         solver: ``"lbfgs"`` (default; line search on the logits) or ``"tfp"``
             (``tfp.optimizer.lbfgs_minimize``); see ``SOLVERS``.
 
