@@ -526,8 +526,8 @@ def _compiled_solver(dtype: tf.DType):
 _LOGITS_REFRESH_EVERY = 20
 
 
-# Feature matrices with at least this many entries get their X d product from
-# XLA on a CPU-only host (``_uses_xla_product``).
+# Feature matrices with at least this many entries get X d and the O(N C)
+# terms from XLA on a CPU-only host (``_uses_xla_product``).
 _XLA_PRODUCT_MIN_ENTRIES = 1 << 22
 
 
@@ -561,18 +561,22 @@ _xla_ce_and_residual = tf.function(_ce_and_residual, jit_compile=True)
 
 
 def _uses_xla_product(features: tf.Tensor) -> bool:
-    """Whether the solver computes ``X d`` with XLA's dot instead of TF's.
+    """Whether the solver runs ``X d`` and its O(N C) terms as XLA computations.
 
     The solve is two passes over X per iteration, each a tall-skinny product
     (``[N, D] x [D, C]`` with C ~ 10, then ``X^T R``), and those products
-    are the whole cost. On CPUs TF's oneDNN kernel runs them far below the
-    machine's GEMM peak (on the 2-core dev machine: 72 ms for 60000 x 4096 at
-    C = 10, against 88 ms at C = 32, i.e. packing, not arithmetic, dominates),
-    and XLA's dot does ``X d`` in 52 ms. For ``X^T R`` XLA is not faster
-    (67 ms vs 66 ms; 430 ms in the transposed-operand form), so it stays
-    with TF. Small matrices keep TF's kernel: XLA compiles once per shape,
-    which is not worth it below ~16 MB of features. On GPUs and TPUs the
-    vendor kernels are used as they are.
+    are nearly the whole cost. On CPUs TF's oneDNN kernel runs them far below
+    the machine's GEMM peak (on the 2-core dev machine: 72 ms for 60000 x
+    4096 at C = 10, against 88 ms at C = 32, i.e. packing, not arithmetic,
+    dominates), and XLA's dot does ``X d`` in 52 ms (37 vs 28 ms at D =
+    2048). For ``X^T R`` XLA's best form is within 10% of TF's either way
+    (60 vs 66 ms at D = 4096, 37 vs 33 ms at D = 2048; 430 ms as written,
+    with a transposed operand), so it stays with TF. The line-search terms
+    and the residual are fused into single XLA loops, with no ``[N, C]``
+    temporaries. Measured together: 135 instead of 156 ms per iteration at
+    D = 4096, 74 instead of 86 ms at D = 2048. Small matrices keep TF's
+    kernels: XLA compiles once per shape, which is not worth it below ~16 MB
+    of features. On GPUs and TPUs the vendor kernels are used as they are.
     """
     entries = int(features.shape[0]) * int(features.shape[1])
     return entries >= _XLA_PRODUCT_MIN_ENTRIES and arrays.cpu_only()
