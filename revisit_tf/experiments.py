@@ -322,6 +322,7 @@ def linear_probe(
     accumulate_precision: str = "float64",
     tolerance: float = 1e-4,
     solver: str = "lbfgs",
+    precondition: bool = True,
     refit_on_trainval: bool = True,
     sgd_epochs: float = 70,
     sgd_decay_epochs: Sequence[float] = (30, 50),
@@ -376,6 +377,11 @@ def linear_probe(
       tolerance: L-BFGS stops when the largest gradient entry is below this.
       solver: ``"lbfgs"`` (line search on the logits) or ``"tfp"``
         (``tfp.optimizer.lbfgs_minimize``); same iterates.
+      precondition: whole-batch ``"lbfgs"`` fits run in coordinates where
+        the Hessian is well conditioned (``lbfgs._Preconditioner``): same
+        objective and stopping test, 4-5x fewer iterations on correlated
+        features, one ``X^T X`` per sweep. Ignored by ``"tfp"`` and the
+        streamed path.
       refit_on_trainval: final L-BFGS fit on train + val (the paper).
       sgd_epochs, sgd_decay_epochs, sgd_batch_size, sgd_lr: SGD/MLP schedule
         (reference 10.6: 70, (30, 50), 512, 0.1 at batch 256).
@@ -410,6 +416,7 @@ def linear_probe(
         accumulate_precision=accumulate_precision,
         tolerance=tolerance,
         solver=solver,
+        precondition=precondition,
         refit_on_trainval=refit_on_trainval,
         sgd_epochs=sgd_epochs,
         sgd_decay_epochs=tuple(sgd_decay_epochs),

@@ -388,3 +388,61 @@ def test_finiteness_check_fast_path_and_overflow_fallback():
         z = x.copy()
         z[2, 5] = np.nan
         lbfgs.fit_logistic_regression(z, np.arange(50) % 3, l2=0.1)
+
+
+def _correlated_classes(rng, n=600, d=24, c=4):
+    """Features mixed by a random matrix with singular values 1e-2..10."""
+    x, y = _gaussian_classes(rng, n, d, c, spread=1.0)
+    u, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    return x @ (u * np.logspace(-2, 1, d)) @ u.T, y
+
+
+def test_preconditioned_fit_has_the_same_minimiser_in_fewer_iterations():
+    # Same objective and stopping test in other coordinates: in float64 at a
+    # tight tolerance both runs land on the unique minimiser (module doc).
+    x, y = _correlated_classes(np.random.default_rng(5))
+    kwargs = {"num_classes": 4, "l2": 1e-3, "tolerance": 1e-9, "max_iterations": 5000}
+    plain = lbfgs.fit_logistic_regression(x, y, **kwargs)
+    pre = lbfgs.fit_logistic_regression(x, y, precondition=True, **kwargs)
+    assert plain.converged and pre.converged
+    assert pre.gradient_max <= 1e-9  # measured in W, not in W' coordinates
+    # J is l2-strongly convex in W: |W - W*| <= |grad| / l2, with |grad| <=
+    # sqrt(96) * 1e-9 for both runs, so they agree to 2 * 1e-5.
+    np.testing.assert_allclose(pre.weights, plain.weights, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(pre.bias, plain.bias, rtol=0, atol=2e-5)
+    assert pre.loss == pytest.approx(plain.loss, rel=1e-12)
+    expected = _numpy_objective(pre.weights, pre.bias, x, y, 1e-3)
+    assert pre.loss == pytest.approx(expected, rel=1e-10)
+    # Measured: 127 against 368.
+    assert pre.iterations < plain.iterations / 2, (pre.iterations, plain.iterations)
+
+
+def test_preconditioned_warm_start_maps_the_initial_point():
+    # Started at the solution (W, b), the preconditioned run starts at
+    # W' = L^T W, i.e. at the same model: it must stop at once.
+    x, y = _correlated_classes(np.random.default_rng(6))
+    kwargs = {"num_classes": 4, "l2": 1e-2, "tolerance": 1e-8}
+    solution = lbfgs.fit_logistic_regression(x, y, **kwargs)
+    again = lbfgs.fit_logistic_regression(
+        x, y, initial=solution, precondition=True, **kwargs
+    )
+    assert again.iterations <= 1
+    np.testing.assert_allclose(again.weights, solution.weights, atol=1e-8)
+
+
+def test_preconditioned_sweep_selects_the_same_l2():
+    rng = np.random.default_rng(7)
+    x, y = _correlated_classes(rng, n=800)
+    split = dict(train_x=x[:600], train_y=y[:600], val_x=x[600:], val_y=y[600:])
+    # Unstandardized, so the features stay correlated and badly scaled.
+    kwargs = {"l2_grid": [1e-1, 1e-2, 1e-3], "tolerance": 1e-9, "standardize": False}
+    plain = lbfgs.sweep_l2(**split, **kwargs)
+    pre = lbfgs.sweep_l2(**split, **kwargs, precondition=True)
+    assert pre.best_l2 == plain.best_l2
+    assert [p.val_top1 for p in pre.table] == [p.val_top1 for p in plain.table]
+    assert sum(p.iterations for p in pre.table) < sum(p.iterations for p in plain.table)
+
+
+def test_precondition_needs_the_lbfgs_solver():
+    with pytest.raises(ValueError, match="precondition=True needs solver='lbfgs'"):
+        lbfgs.fit_logistic_regression(_X, _Y, l2=0.1, solver="tfp", precondition=True)

@@ -249,3 +249,18 @@ def test_linear_probe_rejects_unknown_protocol_early(tmp_path):
     with pytest.raises(ValueError, match="protocols must be among"):
         experiments.linear_probe(str(tmp_path), protocols=("svm",), **_PIXEL_PROBE)
     assert not (tmp_path / "probe").exists()
+
+
+def test_precondition_is_part_of_the_lbfgs_protocol_fingerprint():
+    from revisit_tf.probe import fingerprint as fingerprint_lib
+    from revisit_tf.probe import protocols as protocols_lib
+
+    on = protocols_lib.Settings().protocol_settings("lbfgs")
+    off = protocols_lib.Settings(precondition=False).protocol_settings("lbfgs")
+    assert on["precondition"] is True and off["precondition"] is False
+    assert fingerprint_lib.protocol_fingerprint({**_PROTOCOL, "solver": on}) != (
+        fingerprint_lib.protocol_fingerprint({**_PROTOCOL, "solver": off})
+    )
+    assert protocols_lib.Settings(precondition=False).protocol_settings("knn") == (
+        protocols_lib.Settings().protocol_settings("knn")
+    )

@@ -57,6 +57,7 @@ class Settings:
     accumulate_precision: str = "float64"
     tolerance: float = 1e-4
     solver: str = "lbfgs"
+    precondition: bool = True
     refit_on_trainval: bool = True
     sgd_epochs: float = 70
     sgd_decay_epochs: Sequence[float] = (30, 50)
@@ -90,6 +91,7 @@ class Settings:
                 "precision": self.precision,
                 "tolerance": self.tolerance,
                 "solver": self.solver,
+                "precondition": self.precondition,
                 "refit_on_trainval": self.refit_on_trainval,
             }
         if name in ("sgd", "mlp"):
@@ -155,6 +157,7 @@ def _run_lbfgs(entries: SplitEntries, rows, s: Settings) -> dict[str, Any]:
             tolerance=s.tolerance,
             dtype=dtype,
             solver=s.solver,
+            precondition=s.precondition and s.solver == "lbfgs",
         )
         final, test_source = sweep, None
         if s.refit_on_trainval:
@@ -249,6 +252,7 @@ def _refit_whole(sweep, train_x, train_y, val_x, val_y, num_classes, s):
         initial=start,
         dtype=PRECISIONS[s.precision],
         solver=s.solver,
+        precondition=s.precondition and s.solver == "lbfgs",
     )
     _logger.info(
         "Refit on train+val (%d examples) at l2 %.1e: %d iterations, %.1fs.",
