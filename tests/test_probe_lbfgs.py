@@ -446,3 +446,13 @@ def test_preconditioned_sweep_selects_the_same_l2():
 def test_precondition_needs_the_lbfgs_solver():
     with pytest.raises(ValueError, match="precondition=True needs solver='lbfgs'"):
         lbfgs.fit_logistic_regression(_X, _Y, l2=0.1, solver="tfp", precondition=True)
+
+
+def test_precondition_is_skipped_above_the_dimension_limit(monkeypatch):
+    x, y = _correlated_classes(np.random.default_rng(8))
+    kwargs = {"num_classes": 4, "l2": 1e-3, "tolerance": 1e-8}
+    monkeypatch.setattr(lbfgs, "_PRECONDITION_MAX_DIM", x.shape[1] - 1)
+    plain = lbfgs.fit_logistic_regression(x, y, **kwargs)
+    skipped = lbfgs.fit_logistic_regression(x, y, precondition=True, **kwargs)
+    assert skipped.iterations == plain.iterations
+    np.testing.assert_array_equal(skipped.weights, plain.weights)
