@@ -14,7 +14,7 @@ from revisit_tf.benchmarks import probe
 def test_tiny_benchmark_writes_complete_json(tmp_path, capsys):
     out = tmp_path / "probe.json"
     argv = ["--sizes", "600x16", "--classes", "3", "--spread", "0.5"]
-    argv += ["--solvers", "ours", "tfp", "sklearn"]
+    argv += ["--solvers", "ours", "ours_precond", "tfp", "sklearn"]
     argv += ["--stream_budget_mb", "0.05", "--output", str(out)]
     argv += ["--cache_dir", str(tmp_path / "cache")]
     assert probe.main(argv) == 0
@@ -24,7 +24,7 @@ def test_tiny_benchmark_writes_complete_json(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["settings"]["sizes"] == ["600x16"]
     rows = {r["solver"]: r for r in result["rows"]}
-    assert set(rows) == {"ours", "tfp", "sklearn"}
+    assert set(rows) == {"ours", "ours_precond", "tfp", "sklearn"}
     for row in rows.values():
         for key in ("seconds", "iterations", "loss", "train_top1", "test_top1"):
             assert row[key] is not None, key
@@ -39,7 +39,7 @@ def test_tiny_benchmark_writes_complete_json(tmp_path, capsys):
 
     # Equal-loss rows: each solver at the fewest iterations reaching the target.
     equal = {r["solver"]: r for r in result["equal_loss"]}
-    assert set(equal) == {"ours", "sklearn"}
+    assert set(equal) == {"ours", "ours_precond", "sklearn"}
     best = min(r["loss"] for r in rows.values())
     for row in equal.values():
         assert row["size"] == "600x16"
