@@ -343,7 +343,9 @@ def _all_finite(x: np.ndarray) -> bool:
     on a 1 GB matrix). A non-finite sum (or a finite overflow) falls back to
     the exact test.
     """
-    if np.all(np.isfinite(x @ np.ones(x.shape[1], x.dtype))):
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow: exact test
+        row_sums = x @ np.ones(x.shape[1], x.dtype)
+    if np.all(np.isfinite(row_sums)):
         return True
     return bool(np.isfinite(x).all())
 
