@@ -284,6 +284,20 @@ class SweepPoint:
     failed: bool
     seconds: float
 
+    @classmethod
+    def of_fit(cls, fit: ProbeFit, train_top1: float, val_top1: float) -> SweepPoint:
+        """The row of ``fit`` (its l2 and diagnostics) with its two accuracies."""
+        return cls(
+            l2=fit.l2,
+            train_top1=train_top1,
+            val_top1=val_top1,
+            loss=fit.loss,
+            iterations=fit.iterations,
+            converged=fit.converged,
+            failed=fit.failed,
+            seconds=fit.seconds,
+        )
+
 
 @dataclasses.dataclass
 class SweepResult:
@@ -1227,18 +1241,7 @@ def sweep_l2(
             preconditioner=preconditioner,
         )
         val_top1 = _top1(fit, val_x_t, val_y)
-        table.append(
-            SweepPoint(
-                l2=l2,
-                train_top1=_top1(fit, train_x_t, train_y),
-                val_top1=val_top1,
-                loss=fit.loss,
-                iterations=fit.iterations,
-                converged=fit.converged,
-                failed=fit.failed,
-                seconds=fit.seconds,
-            )
-        )
+        table.append(SweepPoint.of_fit(fit, _top1(fit, train_x_t, train_y), val_top1))
         point = table[-1]
         logging.info(
             "l2 %.1e: train %.2f%%, val %.2f%% (%d iterations%s, %.1fs).",

@@ -511,16 +511,7 @@ def sweep_l2_sharded(
         )
         val_top1 = top1(fit, val, standardizer)
         table.append(
-            lbfgs.SweepPoint(
-                l2=l2,
-                train_top1=top1(fit, train, standardizer),
-                val_top1=val_top1,
-                loss=fit.loss,
-                iterations=fit.iterations,
-                converged=fit.converged,
-                failed=fit.failed,
-                seconds=fit.seconds,
-            )
+            lbfgs.SweepPoint.of_fit(fit, top1(fit, train, standardizer), val_top1)
         )
         if val_top1 > best_val:
             best, best_val = fit, val_top1
