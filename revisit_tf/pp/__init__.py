@@ -42,7 +42,15 @@ Modules:
 * ``ops_image``  - also color_distort and inception_preprocess (reference
   3.2, the supervised chain).
 * ``ops_pretext`` - rotate4 (image -> 4 rotated views + labels ``[0, 1, 2, 3]``),
-  exemplar_copies (image -> K Inception-augmented copies + surrogate ids).
+  exemplar_copies (image -> K Inception-augmented copies + surrogate ids,
+  built on ``copies``), inpaint_mask (context-encoder inpainting: masked
+  image + ``target`` + ``mask``).
+* ``ops_views``  - copies (a sub-pipeline applied K times, results stacked:
+  SimCLR's two views, Exemplar's copies), surrogate_label (one random id
+  per source image, repeated over its K views).
+* ``ops_color``  - SimCLR augmentations: color_jitter (brightness, contrast,
+  saturation, hue in random order), gaussian_blur (random-sigma separable
+  blur); random grayscale is ``to_gray``.
 * ``ops_patches`` - crop_patches (3x3 grid), jigsaw_perms (permutation-index
   labels, per example or per batch), rel_patch_pairs (labels ``[0..7]``).
 * ``permutations`` - the Jigsaw permutation set (greedy maximal Hamming,

@@ -36,7 +36,14 @@ import tensorflow as tf
 
 # ops_image / ops_pretext are imported for their side effect: their
 # decorators fill the global registry.
-from revisit_tf.pp import ops_image, ops_patches, ops_pretext, utils  # noqa: F401
+from revisit_tf.pp import (  # noqa: F401
+    ops_color,
+    ops_image,
+    ops_patches,
+    ops_pretext,
+    ops_views,
+    utils,
+)
 from revisit_tf.pp import registry as registry_lib
 
 logger = logging.getLogger(__name__)

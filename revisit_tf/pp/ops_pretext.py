@@ -14,6 +14,11 @@ Ops:
 * ``exemplar_copies`` - Exemplar (reference 3.5, 4.2): ``K`` independently
   Inception-preprocessed copies; label = one surrogate-class id per source
   image, repeated ``K`` times.
+* ``inpaint_mask`` - context-encoder inpainting (Pathak et al. 2016): blanks a
+  central (or random) rectangle; writes the masked image, the ``target``
+  (unmasked image) and the ``mask`` ``[H, W, 1]``. Not a stacking op.
+* The generic multi-view machinery (``copies``, ``surrogate_label``) lives
+  in ``ops_views``; ``exemplar_copies`` is built on it.
 * The patch tasks (``crop_patches``, ``jigsaw_perms``, ``rel_patch_pairs``)
   live in ``ops_patches``.
 
@@ -23,9 +28,11 @@ the pretext op, then ``value_range``/``standardize``/``keep``) -> ``models``.
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
-from revisit_tf.pp import ops_image, utils
+from revisit_tf.pp import ops_views, utils
 from revisit_tf.pp.registry import OpFn, register
 
 NUM_ROTATIONS = 4  # Reference 3.4: 0, 90, 180, 270 degrees.
@@ -90,11 +97,6 @@ def get_rotate4(*, key: str = "image", key_label: str = "label") -> OpFn:
     return _rotate4
 
 
-# Exemplar surrogate-class ids are drawn from [0, 2**62): two source images of
-# one batch share an id with probability < B**2 / 2**63 (~4e-16 for B = 64).
-_EXEMPLAR_ID_RANGE = 2**62
-
-
 @register("exemplar_copies")
 def get_exemplar_copies(
     num_copies: int = 8,
@@ -114,11 +116,18 @@ def get_exemplar_copies(
     the copies as the reference does, and ``standardize`` after it for the
     per-copy standardization.
 
+    This op is exactly ``copies(num_copies, "inception_preprocess(size,
+    legacy=legacy)")|surrogate_label`` (``ops_views``), with the rank check
+    of a single source image; for the same TF seeds its images are
+    bit-identical to the former stand-alone implementation (same random ops
+    in the same order).
+
     Labels: the reference's surrogate class is the index of the source image
     in the batch (reference 4.2), which a per-example op cannot know. This op
-    writes a random int64 id per source image, repeated ``num_copies`` times;
-    the triplet loss only compares labels for equality, so positives are
-    exactly the copies of one image, as in the reference.
+    writes a random int64 id per source image, repeated ``num_copies`` times
+    (``surrogate_label``); the triplet loss only compares labels for
+    equality, so positives are exactly the copies of one image, as in the
+    reference.
 
     Args:
         num_copies: copies per image, int >= 2 (reference: 8).
@@ -136,21 +145,120 @@ def get_exemplar_copies(
     if num_copies < 2:
         raise ValueError(f"{op}: `num_copies` must be >= 2, got {num_copies}.")
     hw = utils.parse_size(op, "size", size)
+    if not isinstance(legacy, bool):
+        raise ValueError(f"{op}: `legacy` must be a bool, got {legacy!r}.")
     utils.check_key(op, "key", key)
     utils.check_key(op, "key_label", key_label)
+    copies_fn = ops_views.get_copies(
+        num_copies, f"inception_preprocess({hw!r}, legacy={legacy!r}, key={key!r})"
+    )
+    label_fn = ops_views.get_surrogate_label(key=key, key_label=key_label)
 
     def _exemplar_copies(data: dict) -> dict:
         utils.check_has_keys(op, data, [key])
         image = tf.convert_to_tensor(data[key])
         utils.check_image_rank(op, image, max_rank=3)
-        copies = [
-            ops_image.inception_preprocess_image(image, hw, train=True, legacy=legacy)
-            for _ in range(num_copies)
-        ]
-        surrogate = tf.random.uniform([], 0, _EXEMPLAR_ID_RANGE, dtype=tf.int64)
-        result = dict(data)
-        result[key] = tf.stack(copies, axis=0)  # [K, h, w, C]
-        result[key_label] = tf.fill([num_copies], surrogate)  # [K]
-        return result
+        views = copies_fn({**data, key: image})  # data[key]: [K, h, w, C]
+        return label_fn(views)  # data[key_label]: int64 [K]
 
     return _exemplar_copies
+
+
+@register("inpaint_mask")
+def get_inpaint_mask(
+    size: float = 0.5,
+    random: bool = False,
+    fill: float = 0.0,
+    *,
+    key: str = "image",
+    key_target: str = "target",
+    key_mask: str = "mask",
+) -> OpFn:
+    """Context-encoder inpainting: blanks a rectangle that must be predicted.
+
+    Pathak et al. 2016 ("Context Encoders: Feature Learning by Inpainting",
+    section 3.3): a central square of half the side (a quarter of the
+    area) is removed and the network reconstructs it; ``random=True`` gives
+    the randomly placed block variant. On one image ``[H, W, C]`` with
+    static ``H, W``, the region is ``h x w = round(size * H) x round(size *
+    W)`` (Python ``round``, half to even) at the top-left offset ``((H - h)
+    // 2, (W - w) // 2)``, or, with ``random``, at an offset uniform over
+    all ``(H - h + 1) * (W - w + 1)`` valid positions, drawn per image.
+
+    Put it after ``value_range(-1, 1)``: the blanked pixels become ``fill``,
+    and ``fill = 0`` is then mid-grey (the mean colour), as in the context
+    encoder, whereas on [0, 1] or uint8 images it would be black.
+
+    Args:
+        size: side fraction in (0, 1) (reference: 0.5).
+        random: random instead of central placement.
+        fill: value written into the region.
+        key: float image ``[H, W, C]``; receives the masked image.
+        key_target: receives the unmasked image, float32 ``[H, W, C]``.
+        key_mask: receives float32 ``[H, W, 1]``, 1.0 inside the region.
+
+    Returns:
+        ``fn(data) -> data`` with ``data[key] = image * (1 - mask) + fill *
+        mask``, ``data[key_target]`` and ``data[key_mask]`` (float32, static
+        shapes).
+
+    Raises:
+        ValueError: bad arguments or equal keys (build time); an integer
+            image, a rank other than 3, unknown ``H, W`` or a region of zero
+            size (trace time).
+    """
+    op = "inpaint_mask"
+    if not utils.is_number(size) or not 0 < size < 1:
+        raise ValueError(f"{op}: `size` must be a number in (0, 1), got {size!r}.")
+    if not isinstance(random, bool):
+        raise ValueError(f"{op}: `random` must be a bool, got {random!r}.")
+    if not utils.is_number(fill) or not math.isfinite(fill):
+        raise ValueError(f"{op}: `fill` must be a finite number, got {fill!r}.")
+    keys = {"key": key, "key_target": key_target, "key_mask": key_mask}
+    for name, value in keys.items():
+        utils.check_key(op, name, value)
+    if len(set(keys.values())) != len(keys):
+        raise ValueError(
+            f"{op}: `key`, `key_target` and `key_mask` must differ, got {keys}."
+        )
+    size, fill = float(size), float(fill)
+
+    def _inpaint_mask(data: dict) -> dict:
+        utils.check_has_keys(op, data, [key])
+        image = tf.convert_to_tensor(data[key])
+        utils.check_image_rank(op, image, max_rank=3)
+        if not image.dtype.is_floating:
+            raise ValueError(
+                f"{op}: expected a float image, got dtype {image.dtype.name}; put "
+                "value_range(-1, 1) before it (fill 0 = mid-grey)."
+            )
+        height, width = image.shape[0], image.shape[1]
+        if height is None or width is None:
+            raise ValueError(
+                f"{op}: needs a static height and width, got shape {image.shape}; "
+                "crop or resize to a fixed size first."
+            )
+        h, w = round(size * height), round(size * width)
+        if h < 1 or w < 1:
+            raise ValueError(
+                f"{op}: region round({size} * {height}) x round({size} * {width}) "
+                f"= {h}x{w} is empty; use a larger image or size."
+            )
+        if random:
+            top = tf.random.uniform([], 0, height - h + 1, dtype=tf.int32)
+            left = tf.random.uniform([], 0, width - w + 1, dtype=tf.int32)
+        else:
+            top, left = (height - h) // 2, (width - w) // 2
+        rows = tf.range(height)
+        cols = tf.range(width)
+        in_rows = (rows >= top) & (rows < top + h)  # [H]
+        in_cols = (cols >= left) & (cols < left + w)  # [W]
+        mask = tf.cast(in_rows[:, None, None] & in_cols[None, :, None], tf.float32)
+        target = tf.cast(image, tf.float32)  # [H, W, C]
+        result = dict(data)
+        result[key_target] = target
+        result[key_mask] = mask  # [H, W, 1]
+        result[key] = target * (1.0 - mask) + fill * mask
+        return result
+
+    return _inpaint_mask
