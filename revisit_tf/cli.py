@@ -23,6 +23,11 @@ import sys
 from collections.abc import Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# oneDNN kernels on every x86 CPU: TensorFlow turns them on by default only on
+# some Intel CPUs. On an AMD EPYC they made the demo's training step 1.95x
+# faster (310 vs 159 examples/s), and without them CPU convolutions cannot run
+# channels_first trunks at all. TF_ENABLE_ONEDNN_OPTS=0 turns them off.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 import gin  # noqa: E402
 from revisit_tf import (

@@ -8,6 +8,11 @@ MirroredStrategy runs with 2 real replicas on a CPU-only machine (TF's own
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# As the revisit-* binaries (revisit_tf/cli.py): oneDNN on every x86 CPU, so
+# that channels_first convolutions and CPU allocator statistics (the RevNet
+# memory test) exist on CPUs where TensorFlow leaves it off (e.g. AMD EPYC).
+# Subprocesses of the tests inherit it.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
