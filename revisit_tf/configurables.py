@@ -14,9 +14,9 @@ import sysconfig
 
 import gin
 from revisit_tf import experiments
-from revisit_tf.models import factory, pretext
+from revisit_tf.models import factory, heads, pretext
 from revisit_tf.pp import permutations
-from revisit_tf.train import losses
+from revisit_tf.train import contrastive, losses, optim, reconstruction, triplet
 
 # Roots: called by the binaries, so they need the configured (wrapped) function.
 pretrain = gin.external_configurable(experiments.pretrain, module="revisit_tf")
@@ -26,19 +26,42 @@ linear_probe = gin.external_configurable(experiments.linear_probe, module="revis
 # Builders: only ever referenced from gin (`@build_trunk`), so registering
 # them leaves the library functions themselves untouched.
 
-# --- models (trunks) ---
+# --- models: trunks, the pretext assembler, heads ---
 gin.register(factory.build_trunk, module="revisit_tf.models")
-# --- pretext tasks: heads, losses, pretext models ---
-gin.register(losses.softmax_xent, module="revisit_tf.train")
-gin.register(losses.triplet_semihard, module="revisit_tf.train")
-gin.register(losses.correct_top1, module="revisit_tf.train")
-gin.register(losses.classification_metrics, module="revisit_tf.train")
-gin.register(losses.nearest_neighbour_correct, module="revisit_tf.train")
-gin.register(pretext.build_jigsaw_model, module="revisit_tf.models")
-gin.register(pretext.build_rel_patch_model, module="revisit_tf.models")
+gin.register(pretext.build_pretext_model, module="revisit_tf.models")
+for _head in (
+    heads.jigsaw_head,
+    heads.rel_patch_head,
+    heads.projection_head,
+    heads.inpainting_decoder,
+):
+    gin.register(_head, module="revisit_tf.models")
 gin.external_configurable(
     permutations.get_permutations, name="jigsaw_permutations", module="revisit_tf.pp"
 )
+# --- training: task losses and metrics (train.losses contract) ---
+for _fn in (
+    losses.softmax_xent,
+    losses.accuracy_metrics,
+    losses.classification_metrics,
+    triplet.triplet_semihard,
+    triplet.nearest_neighbour_metrics,
+    contrastive.nt_xent,
+    contrastive.contrastive_metrics,
+    reconstruction.masked_l2,
+    reconstruction.reconstruction_metrics,
+):
+    gin.register(_fn, module="revisit_tf.train")
+# --- training: optimizers and learning-rate schedules ---
+for _fn in (
+    optim.sgd,
+    optim.adam,
+    optim.adamw,
+    optim.lars,
+    optim.reference_schedule,
+    optim.cosine_schedule,
+):
+    gin.register(_fn, module="revisit_tf.train")
 # --- probes ---
 
 

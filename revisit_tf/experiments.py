@@ -20,17 +20,17 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from revisit_tf import __version__
 from revisit_tf import data as data_lib
+from revisit_tf import models as models_lib
 from revisit_tf import pp as pp_lib
 from revisit_tf.export import saved_model as export_lib
 from revisit_tf.models import pretext as pretext_lib
-from revisit_tf.pp import permutations as permutations_lib
 from revisit_tf.probe import cache as cache_lib
 from revisit_tf.probe import features as features_lib
 from revisit_tf.probe import fingerprint as fingerprint_lib
@@ -50,11 +50,6 @@ ModelFn = Callable[..., keras.Model]
 DEFAULT_L2_GRID = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
 
 
-def _pp_output_shape(source: tf.data.Dataset, pp_fn) -> tf.TensorShape:
-    """Static shape of ``pp_fn(example)["image"]``, traced without running."""
-    return source.map(pp_fn).element_spec["image"].shape
-
-
 def pretrain(
     workdir: str,
     *,
@@ -62,19 +57,15 @@ def pretrain(
     pp_train: str,
     global_batch_size: int,
     model_fn: ModelFn,
+    loss_fn: losses_lib.LossFn,
+    metric_fn: losses_lib.MetricFn | None = None,
+    optimizer_fn: Callable[..., keras.optimizers.Optimizer] = optim.sgd,
+    schedule_fn: Callable[..., Any] = optim.reference_schedule,
     data_dir: str | None = None,
     train_split: str = "train",
-    loss_fn: loop_lib.LossFn = losses_lib.softmax_xent,
     steps: int | None = None,
     epochs: float | None = None,
     examples: int | None = None,
-    lr: float = 0.1,
-    reference_batch_size: int = 256,
-    warmup_epochs: float = 0.0,
-    decay_epochs: Sequence[float] = (),
-    decay_factor: float = 0.1,
-    warmup_from_zero: bool = False,
-    momentum: float = 0.9,
     strategy: str = "default",
     tpu: str | None = None,
     steps_per_loop: int = 100,
@@ -84,7 +75,6 @@ def pretrain(
     cache_source: bool = False,
     seed: int | None = None,
     on_first_loop: Callable[[], None] | None = None,
-    metric_fn: loop_lib.MetricFn = losses_lib.correct_top1,
     pp_train_batch: str = "",
 ) -> dict[str, float]:
     """Pretext (or supervised) training; checkpoints in ``workdir/checkpoints``.
@@ -97,18 +87,22 @@ def pretrain(
         it makes the labels (Rotation: ``rotate4``).
       global_batch_size: source images per step over all replicas (the
         original's ``batch_size``; Rotation feeds 4x as many network inputs).
-      model_fn: builder called as ``model_fn(input_shape=(H, W, C))`` returning
-        a Keras model whose output dict has ``logits``.
+        It is the loss denominator and the batch of the lr scaling.
+      model_fn: the pretext model builder, called as
+        ``model_fn(input_spec)`` with the per-example spec of the training
+        batch (``models.pretext.build_pretext_model``).
+      loss_fn: ``(batch, outputs) -> [B]`` per-example loss (``train.losses``).
+      metric_fn: ``(batch, outputs) -> {name: [B]}`` logged by the loop
+        (``accuracy`` etc.), or None.
+      optimizer_fn: ``optimizer_fn(learning_rate) -> keras Optimizer``
+        (``optim.sgd``, ``adam``, ``adamw``, ``lars``).
+      schedule_fn: ``schedule_fn(global_batch_size=, steps_per_epoch=,
+        total_steps=)`` -> learning-rate schedule (``optim.reference_schedule``,
+        ``cosine_schedule``).
       data_dir: dataset directory (TFDS ``data_dir`` or the idx directory).
       train_split: split to train on (``train`` = official train minus the
         held-out ``val``, as the paper).
-      loss_fn: per-row loss.
       steps, epochs, examples: the training duration, exactly one of them.
-      lr: learning rate at ``reference_batch_size`` (reference 7.2).
-      reference_batch_size: batch for linear lr scaling (256).
-      warmup_epochs, decay_epochs, decay_factor, warmup_from_zero: the schedule
-        (``optim.build_schedule``).
-      momentum: SGD momentum (0.9).
       strategy: ``default``, ``one_device``, ``mirrored``, ``multi_worker`` or
         ``tpu``.
       tpu: TPU name for ``strategy="tpu"``.
@@ -119,15 +113,12 @@ def pretrain(
       cache_source: cache decoded source examples in memory (small datasets).
       seed: seeds TF's global generator (model init, pipeline randomness).
       on_first_loop: callback after the first outer loop (operative config).
-      metric_fn: per-row pretext metric(s) logged by the loop (default top-1
-        ``accuracy``; supervised adds top-5, Exemplar uses nearest-neighbour
-        retrieval).
       pp_train_batch: pipeline applied to every per-replica *batch* after
         batching (e.g. ``"jigsaw_perms(100, 8)"``: one permutation subset per
         batch, reference 4.3); ``""`` for none.
 
     Returns:
-      The metrics of the last logged loop (loss, accuracy, images/s, ...).
+      The metrics of the last logged loop (loss, accuracy, examples/s, ...).
     """
     if seed is not None:
         keras.utils.set_random_seed(seed)
@@ -138,8 +129,6 @@ def pretrain(
     num_train = data_lib.num_examples(dataset, train_split, data_dir=data_dir)
     pp_fn = pp_lib.get_preprocess_fn(pp_train)
     batch_pp_fn = pp_lib.get_preprocess_fn(pp_train_batch) if pp_train_batch else None
-    source = data_lib.get_source(dataset, train_split, data_dir=data_dir)
-    image_shape = _pp_output_shape(source, pp_fn)
 
     def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         return data_lib.make_train_dataset(
@@ -153,6 +142,12 @@ def pretrain(
             batch_preprocess_fn=batch_pp_fn,
         )
 
+    # The per-example spec of a training batch, from a throwaway (never
+    # iterated) dataset: what the pretext model takes.
+    input_spec = pretext_lib.example_spec(
+        dataset_fn(tf.distribute.InputContext()).element_spec
+    )
+
     # Durations and schedule (reference 7.1, 7.2).
     per_epoch = optim.steps_per_epoch(num_train, global_batch_size)
     total_steps = optim.to_steps(
@@ -163,40 +158,39 @@ def pretrain(
         num_examples=num_train,
         global_batch_size=global_batch_size,
     )
-    schedule = optim.build_schedule(
-        lr=lr,
+    schedule = schedule_fn(
         global_batch_size=global_batch_size,
-        reference_batch_size=reference_batch_size,
         steps_per_epoch=per_epoch,
-        warmup_epochs=warmup_epochs,
-        decay_epochs=decay_epochs,
-        decay_factor=decay_factor,
-        warmup_from_zero=warmup_from_zero,
+        total_steps=total_steps,
     )
     logging.info(
-        "%s %s: %d examples, %d steps/epoch, %d steps in total; input %s -> "
-        "network input %s; base lr %.4g.",
+        "%s %s: %d examples, %d steps/epoch, %d steps in total; batch %s; "
+        "lr at steps 0 and %d: %.4g, %.4g.",
         dataset,
         train_split,
         num_train,
         per_epoch,
         total_steps,
-        source.element_spec["image"].shape,
-        image_shape,
-        schedule.base_lr,
+        ", ".join(f"{k} {v.dtype.name} {v.shape}" for k, v in input_spec.items()),
+        max(total_steps - 1, 0),
+        float(schedule(0)),
+        float(schedule(max(total_steps - 1, 0))),
     )
 
     # 3. Model and 4. training under the strategy.
     with strategy_obj.scope():
-        model = model_fn(input_shape=tuple(image_shape[-3:]))
-        optimizer = optim.build_sgd(schedule, momentum=momentum)
+        model = model_fn(input_spec)
+        optimizer = optimizer_fn(schedule)
     logging.info(
-        "Model %s: %s trainable parameters.",
+        "Model %s: %s trainable parameters (trunk %s).",
         model.name,
-        f"{sum(int(np.prod(v.shape)) for v in model.trainable_variables):,}",
+        f"{models_lib.count_params(model):,}",
+        f"{models_lib.count_params(pretext_lib.get_trunk(model)):,}",
     )
     if strategy_lib.is_chief(strategy_obj):
-        _record_permutations(model, workdir)
+        for name, data in pretext_lib.workdir_files(model).items():
+            _write_atomic(os.path.join(workdir, name), data)
+            logging.info("Recorded %s.", os.path.join(workdir, name))
     metrics = loop_lib.train(
         model=model,
         optimizer=optimizer,
@@ -206,21 +200,24 @@ def pretrain(
         global_batch_size=global_batch_size,
         workdir=workdir,
         loss_fn=loss_fn,
+        metric_fn=metric_fn,
         steps_per_loop=steps_per_loop,
         checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints,
         on_first_loop=on_first_loop,
-        metric_fn=metric_fn,
     )
     if metrics and strategy_lib.is_chief(strategy_obj):
-        _write_json_atomic(os.path.join(workdir, "train_metrics.json"), metrics)
+        _write_atomic(
+            os.path.join(workdir, "train_metrics.json"),
+            json.dumps(metrics, indent=1, sort_keys=True).encode(),
+        )
     return metrics
 
 
 def export_model(
     workdir: str,
     *,
-    model_fn: ModelFn,
+    trunk_fn: ModelFn,
     image_shape: Sequence[int | None],
     pp_export: str = "value_range(-1, 1, 0, 1)",
     random_init: bool = False,
@@ -229,8 +226,9 @@ def export_model(
 ) -> str:
     """Writes ``workdir/export``: a SavedModel of the newest checkpoint's trunk.
 
-    For the patch tasks ``model_fn`` builds the whole pretext model (so the
-    checkpoint restores exactly), and only its trunk is exported; a
+    The trunk is built alone by ``trunk_fn`` and restored from the
+    checkpoint's ``trunk`` key (``train.checkpoint.restore_trunk``), so the
+    export is the same for every task and never builds a head. A
     ``pp_export`` that ends in patches ``[N, P, h, w, C]`` (e.g.
     ``"crop_patches(3, random=False)|standardize"``) makes an export that
     cuts the patches itself and averages the endpoints over them (reference
@@ -239,7 +237,9 @@ def export_model(
     Args:
       workdir: training workdir (its ``checkpoints/``); the export goes to
         ``workdir/export`` (written to a temporary path, then renamed).
-      model_fn: the same builder as training (called with ``input_shape``).
+      trunk_fn: the trunk builder of training (``build_pretext_model.trunk_fn``;
+        gin: the ``TRUNK`` macro), called as ``trunk_fn(input_shape=(h, w, C))``
+        with the shape one trunk input has after ``pp_export``.
       image_shape: ``(H, W, C)`` of the exported input: float32 images in
         [0, 1]. ``H``/``W`` may be None for fully convolutional trunks.
       pp_export: the evaluation preprocessing baked into the SavedModel, applied
@@ -282,20 +282,19 @@ def export_model(
         model_shape = (None, None, model_shape[-1])
     if seed is not None:
         keras.utils.set_random_seed(seed)
-    model = model_fn(input_shape=model_shape)
+    trunk = trunk_fn(input_shape=model_shape)
     if random_init:
-        logging.info("Exporting %s at random initialisation.", model.name)
+        logging.info("Exporting %s at random initialisation.", trunk.name)
     else:
-        path = checkpoint_lib.restore_model(workdir, model)
-        logging.info("Restored %s.", path)
-    trunk = pretext_lib.get_trunk(model)
+        path = checkpoint_lib.restore_trunk(workdir, trunk)
+        logging.info("Restored the trunk of %s.", path)
     out = export_lib.export_saved_model(
         trunk,
         os.path.join(workdir, "export"),
         image_shape=image_shape,
         preprocess=preprocess,
         patch_preprocess=patch_preprocess,
-        metadata={"model": model.name, "pp_export": pp_export},
+        metadata={"model": trunk.name, "pp_export": pp_export},
     )
     logging.info("Exported %s", out)
     return out
@@ -567,37 +566,8 @@ def report(paths: Sequence[str], kind: str = "auto") -> str:
     return tables.report_tables(results_lib.read_results(paths), kind=kind)
 
 
-def _record_permutations(model: keras.Model, workdir: str) -> None:
-    """Writes a patch model's table to ``workdir/permutations.{bin,json}``.
-
-    The Jigsaw permutation set actually used (reference 4.6), in the original
-    binary format, plus its SHA-256 and Hamming statistics. Nothing for models
-    without a table.
-    """
-    table = pretext_lib.get_table(model)
-    if table is None or table.shape[-1] != permutations_lib.PERM_LENGTH:
-        return
-    path = os.path.join(workdir, "permutations.bin")
-    permutations_lib.write_permutation_file(path, table)
-    info = {
-        **permutations_lib.hamming_stats(table),
-        "sha256": permutations_lib.file_sha256(path),
-        "is_reference_set": permutations_lib.file_sha256(path)
-        == permutations_lib.REFERENCE_SHA256,
-        "file": "permutations.bin (int32 LE: n, 9, then 1-based rows)",
-    }
-    _write_json_atomic(os.path.join(workdir, "permutations.json"), info)
-    logging.info(
-        "Jigsaw permutations: %d, Hamming min %d mean %.3f; recorded in %s.",
-        info["num_permutations"],
-        info["min_hamming"],
-        info["mean_hamming"],
-        path,
-    )
-
-
-def _write_json_atomic(path: str, obj: dict) -> None:
+def _write_atomic(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)

@@ -59,7 +59,7 @@ def test_smoke_run_train_export_probe_report(tmp_path, capsys):
         assert "build_trunk.width = 0.25" in f.read()
     with open(os.path.join(workdir, "train.log")) as f:
         log = f.read()
-    assert "step 4/4" in log and "img/s" in log and "ETA" in log
+    assert "step 4/4" in log and "examples/s" in log and "ETA" in log
     assert os.listdir(os.path.join(workdir, "tensorboard"))
 
     # Export and probe re-read workdir/config.gin.
@@ -256,7 +256,7 @@ def test_demo_switches_to_resnet_v2_minus_with_bindings(tmp_path):
         "ckpt-4"
     )
     with open(os.path.join(workdir, "train.log")) as f:
-        assert "Model resnet14_v2" in f.read()
+        assert "trunk resnet14_v2 on 28x28x1 inputs" in f.read()
 
 
 @pytest.mark.parametrize(
@@ -271,7 +271,7 @@ def test_demo_switches_trunk_with_one_binding(tmp_path, arch, model_name, endpoi
         + ["--gin_bindings", f"build_trunk.architecture = '{arch}'"]
     )
     with open(os.path.join(workdir, "train.log")) as f:
-        assert f"Model {model_name}" in f.read()
+        assert f"trunk {model_name} on" in f.read()
     cli.export_main(["--workdir", workdir])
     loaded = tf.saved_model.load(os.path.join(workdir, "export"))
     out = loaded.signatures["representation"](images=tf.zeros([2, 28, 28, 1]))

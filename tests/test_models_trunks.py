@@ -2,6 +2,7 @@
 serialization, layouts, mixed precision, and training on 2 replicas."""
 
 import fractions
+import functools
 import json
 import os
 import subprocess
@@ -12,10 +13,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from revisit_tf.models import factory, vgg
+from revisit_tf.models import factory, pretext, vgg
 from revisit_tf.models.resnet import count_params
 from revisit_tf.train import loop as loop_lib
-from revisit_tf.train import optim
+from revisit_tf.train import losses, optim
 
 ARCHS = ("resnet50_v1", "resnet50_v2", "revnet50", "vgg19")
 
@@ -263,25 +264,32 @@ def _train(model, optimizer, strategy, batch, workdir, steps):
         total_steps=steps,
         global_batch_size=8,
         workdir=workdir,
+        loss_fn=losses.softmax_xent,
         steps_per_loop=steps,
     )
 
 
 def _build(strategy, arch, weights=None, **kwargs):
+    """The supervised pretext model of ``arch`` (4 classes) and SGD."""
+    trunk_fn = functools.partial(
+        factory.build_trunk,
+        arch,
+        width=0.25 if arch != "vgg19" else 0.5,
+        units=(1, 1, 1, 1),
+        num_classes=4,
+        stem_stride=1,
+        sync_batchnorm=True,
+        **kwargs,
+    )
+    spec = {
+        "image": tf.TensorSpec([16, 16, 1]),
+        "label": tf.TensorSpec([], tf.int32),
+    }
     with strategy.scope():
-        model = factory.build_trunk(
-            arch,
-            width=0.25 if arch != "vgg19" else 0.5,
-            units=(1, 1, 1, 1),
-            num_classes=4,
-            input_shape=(16, 16, 1),
-            stem_stride=1,
-            sync_batchnorm=True,
-            **kwargs,
-        )
+        model = pretext.build_pretext_model(spec, trunk_fn=trunk_fn)
         if weights is not None:
             model.set_weights(weights)
-        optimizer = optim.build_sgd(0.1)
+        optimizer = optim.sgd(0.1)
     return model, optimizer
 
 

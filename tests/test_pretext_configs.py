@@ -21,14 +21,22 @@ from revisit_tf import cli, configurables
 from revisit_tf.export import saved_model as export_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED = ["rotation", "exemplar", "jigsaw", "rel_patch_location", "supervised"]
+SHIPPED = [
+    "rotation",
+    "exemplar",
+    "jigsaw",
+    "rel_patch_location",
+    "supervised",
+    "simclr",
+    "inpainting",
+]
 # Test-only shrinking on top of smoke.gin: 2 steps, a small head.
 TEST_BINDINGS = [
     "pretrain.steps = 2",
     "pretrain.checkpoint_every = 2",
     "EMBED_DIM = 16",
-    "build_jigsaw_model.hidden = 32",
-    "build_rel_patch_model.hidden = 32",
+    "jigsaw_head.hidden = 32",
+    "rel_patch_head.hidden = 32",
 ]
 
 # Reference 12.1 (Table 1), columns in the paper's order.
@@ -78,8 +86,20 @@ def test_table1_has_one_cell_per_paper_entry_with_its_trunk_and_number():
 
 
 def _model_fn():
-    """The gin-configured pretrain.model_fn (the MODEL macro)."""
-    return gin.query_parameter("MODEL/macro.value").scoped_configurable_fn
+    """The gin-configured pretrain.model_fn (build_pretext_model)."""
+    return gin.query_parameter("pretrain.model_fn").scoped_configurable_fn
+
+
+# Per-example batch specs of each task at 32 px (what pp makes).
+SPECS = {
+    "rotation": {"image": ([4, 32, 32, 3], "float32"), "label": ([4], "int32")},
+    "exemplar": {"image": ([8, 32, 32, 3], "float32")},
+    "jigsaw": {"image": ([9, 32, 32, 3], "float32"), "label": ([8], "int32")},
+    "rel_patch_location": {
+        "image": ([9, 32, 32, 3], "float32"),
+        "label": ([8], "int32"),
+    },
+}
 
 
 @pytest.mark.parametrize(
@@ -94,7 +114,7 @@ def test_table1_cell_builds_its_model(task, row_key):
         [os.path.join("table1", f"{task}_{row_key}_w4.gin"), "smoke.gin"],
         TEST_BINDINGS,
     )
-    model = _model_fn()(input_shape=(32, 32, 3))
+    model = _model_fn()(SPECS[task])
     outputs = model.output
     assert "logits" in outputs and "pre_logits" in outputs
     expected = {"rotation": 4, "exemplar": 16, "jigsaw": 100, "rel_patch_location": 8}

@@ -1,5 +1,6 @@
 """The training loop: 2-replica parity, step counting, checkpoints, errors."""
 
+import functools
 import json
 import os
 import subprocess
@@ -10,10 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from revisit_tf.models import heads, pretext
 from revisit_tf.models.resnet import build_resnet
 from revisit_tf.train import checkpoint as checkpoint_lib
+from revisit_tf.train import contrastive, losses, optim  # noqa: F401 (script)
 from revisit_tf.train import loop as loop_lib
-from revisit_tf.train import losses, optim
 from revisit_tf.train import strategy as strategy_lib
 
 GLOBAL_BATCH = 8  # source images
@@ -28,23 +30,61 @@ def _batch(seed=0):
     }
 
 
-def _model_and_optimizer(strategy, *, sync_batchnorm=True, weights=None):
-    with strategy.scope():
-        model = build_resnet(
-            width=0.25,
+SPEC = {
+    "image": tf.TensorSpec([VIEWS, 16, 16, 1]),
+    "label": tf.TensorSpec([VIEWS], tf.int32),
+}
+
+
+def _trunk_fn(width=0.25, sync_batchnorm=True):
+    def trunk_fn(input_shape):
+        return build_resnet(
+            width=width,
             units=(1, 1, 1, 1),
             num_classes=VIEWS,
-            input_shape=(16, 16, 1),
+            input_shape=input_shape,
             stem_stride=1,
             sync_batchnorm=sync_batchnorm,
         )
+
+    return trunk_fn
+
+
+def _model_and_optimizer(strategy, *, sync_batchnorm=True, weights=None, width=0.25):
+    """A Rotation-shaped pretext model (4 views) and SGD, under ``strategy``."""
+    with strategy.scope():
+        model = pretext.build_pretext_model(
+            SPEC, trunk_fn=_trunk_fn(width, sync_batchnorm), name="rotation"
+        )
         if weights is not None:
             model.set_weights(weights)
-        optimizer = optim.build_sgd(0.1)
+        optimizer = optim.sgd(0.1)
     return model, optimizer
 
 
-def _first_step(strategy, model, batch):
+def _simclr_model(strategy, weights=None):
+    """A SimCLR-shaped pretext model (2 views, projection head), sync BN."""
+    with strategy.scope():
+        model = pretext.build_pretext_model(
+            {"image": tf.TensorSpec([2, 16, 16, 1], keras.config.floatx())},
+            trunk_fn=lambda input_shape: build_resnet(
+                width=0.25,
+                units=(1, 1, 1, 1),
+                input_shape=input_shape,
+                stem_stride=1,
+                sync_batchnorm=True,
+            ),
+            head_fn=functools.partial(
+                heads.projection_head, output_dim=8, sync_batchnorm=True
+            ),
+            name="simclr",
+        )
+        if weights is not None:
+            model.set_weights(weights)
+    return model
+
+
+def _first_step(strategy, model, batch, loss_fn=losses.softmax_xent):
     """Global loss and summed gradients of one step, as the loop computes them."""
     dist = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch))
 
@@ -52,7 +92,7 @@ def _first_step(strategy, model, batch):
     def run(b):
         def fn(b):
             loss, _, grads, _ = loop_lib.loss_and_gradients(
-                model, losses.softmax_xent, b, global_rows=GLOBAL_BATCH * VIEWS
+                model, loss_fn, b, global_batch_size=GLOBAL_BATCH
             )
             return loss, grads
 
@@ -101,6 +141,20 @@ for sync in (True, False):
             for a, b in zip(grads1, grads2, strict=True)
         ),
     }
+# SimCLR: NT-Xent's negatives are the whole global batch on every replica.
+views = {"image": batch["image"][:, :2]}
+simclr1 = t._simclr_model(single)
+loss1, grads1 = t._first_step(single, simclr1, views, t.contrastive.nt_xent)
+simclr2 = t._simclr_model(mirrored, weights=simclr1.get_weights())
+loss2, grads2 = t._first_step(mirrored, simclr2, views, t.contrastive.nt_xent)
+out["simclr"] = {
+    "loss": loss1,
+    "loss_rel_diff": abs(loss2 - loss1) / abs(loss1),
+    "grad_rel_diff": max(
+        float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
+        for a, b in zip(grads1, grads2, strict=True)
+    ),
+}
 print("RESULT" + json.dumps(out))
 """
 
@@ -130,6 +184,13 @@ def test_mirrored_two_replicas_match_one_device():
     # statistics, so the same comparison fails: the check above can fail.
     assert out["sync=False"]["loss_rel_diff"] > 1e-5
     assert out["sync=False"]["grad_rel_diff"] > 1e-3
+    # A whole SimCLR step (sync BN, projection head, NT-Xent over the global
+    # batch): 2 replicas = 1 device. With per-replica negatives the loss of 8
+    # images would be that of two batches of 4 (tests/test_contrastive.py
+    # shows that variant differs by ~0.5 in loss).
+    assert out["simclr"]["loss"] > 0
+    assert out["simclr"]["loss_rel_diff"] < 1e-12
+    assert out["simclr"]["grad_rel_diff"] < 1e-9
 
 
 def _dataset_fn(batch):
@@ -141,6 +202,8 @@ def _dataset_fn(batch):
 
 
 def _train(model, opt, strategy, batch, workdir, total_steps, **kwargs):
+    kwargs.setdefault("loss_fn", losses.softmax_xent)
+    kwargs.setdefault("metric_fn", losses.accuracy_metrics)
     return loop_lib.train(
         model=model,
         optimizer=opt,
@@ -244,22 +307,50 @@ def test_mismatched_checkpoint_gives_clear_error(tmp_path):
     strategy = tf.distribute.get_strategy()
     model, opt = _model_and_optimizer(strategy)
     _train(model, opt, strategy, batch, workdir, 1)
-    with strategy.scope():
-        other = build_resnet(
-            width=0.5, units=(1, 1, 1, 1), num_classes=VIEWS, input_shape=(16, 16, 1)
-        )
-        opt = optim.build_sgd(0.1)
+    other, opt = _model_and_optimizer(strategy, width=0.5)
     with pytest.raises(checkpoint_lib.CheckpointError, match="different model"):
         _train(other, opt, strategy, batch, workdir, 2)
 
 
-def test_flatten_views_and_errors():
-    images, labels = loop_lib.flatten_views(
-        {"image": tf.zeros([2, 4, 8, 8, 3]), "label": tf.constant([[0, 1, 2, 3]] * 2)}
+def test_loss_must_be_one_value_per_source_example():
+    """The loop's only contract with a task: ``loss_fn -> [B]``."""
+    model, _ = _model_and_optimizer(tf.distribute.get_strategy())
+    batch = _batch()
+
+    def per_row(batch, outputs):  # [B * 4]: not reduced per example
+        return losses.xent_rows(batch["label"], outputs["logits"])
+
+    def per_pixel(batch, outputs):  # [B, 4]: a map, not a vector
+        return tf.reshape(per_row(batch, outputs), [GLOBAL_BATCH, VIEWS])
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="\\[B\\] values"):
+        loop_lib.loss_and_gradients(model, per_row, batch, global_batch_size=8)
+    with pytest.raises(ValueError, match=r"shape \[B\]; got shape \(8, 4\)"):
+        loop_lib.loss_and_gradients(model, per_pixel, batch, global_batch_size=8)
+    with pytest.raises(ValueError, match="metric_fn must return a dict"):
+        loop_lib.loss_and_gradients(
+            model,
+            losses.softmax_xent,
+            batch,
+            global_batch_size=8,
+            metric_fn=lambda b, o: o["logits"],
+        )
+    # The global batch in source examples is the denominator: 2 replicas'
+    # halves with global_batch_size=8 sum to the mean over the 8 examples.
+    _, task_loss, _, sums = loop_lib.loss_and_gradients(
+        model,
+        losses.softmax_xent,
+        batch,
+        global_batch_size=16,
+        metric_fn=losses.accuracy_metrics,
     )
-    assert images.shape == (8, 8, 8, 3)
-    np.testing.assert_array_equal(labels, [0, 1, 2, 3, 0, 1, 2, 3])
-    with pytest.raises(ValueError, match="rank 4"):
-        loop_lib.flatten_views({"image": tf.zeros([2, 8]), "label": tf.zeros([2])})
+    _, full_task_loss, _, _ = loop_lib.loss_and_gradients(
+        model, losses.softmax_xent, batch, global_batch_size=8
+    )
+    np.testing.assert_allclose(2 * float(task_loss), float(full_task_loss), rtol=1e-6)
+    assert 0 <= float(sums["accuracy"]) <= GLOBAL_BATCH
+
+
+def test_unknown_strategy_is_named():
     with pytest.raises(ValueError, match="Unknown strategy 'mirored'"):
         strategy_lib.make_strategy("mirored")

@@ -2,8 +2,9 @@
 
 Contract:
 
-* Input: an NHWC float batch ``image [N, H, W, C]`` as produced by the ``pp``
-  stage (pretext views already flattened to the batch axis by the trainer).
+* Input: trunks take an NHWC float batch ``image [N, H, W, C]``; pretext
+  models (``pretext.build_pretext_model``) take the whole ``pp`` batch dict
+  and flatten the views ``[B, K, H, W, C] -> [B * K, H, W, C]`` themselves.
 * Output: a functional ``keras.Model`` whose output is a dict of endpoints
   named as in the paper code (reference ``original-system.md`` section 5.4):
   ``after_root``, ``block1`` .. ``block4`` (feature maps ``[N, h, w, c]``),
@@ -33,22 +34,32 @@ Builders:
   memory-saving reversible backpropagation.
 * ``build_vgg19`` - VGG19 with batch norm (reference 5.3); it also has
   ``block5`` and ``fc6`` endpoints and no ``after_root``.
-* ``heads`` - the Jigsaw/RPL patch head (``build_patch_head``,
-  ``PatchCombine``; reference 4.3, 4.4).
-* ``pretext`` - trunk + head pretext models for the patch tasks
-  (``build_jigsaw_model``, ``build_rel_patch_model``); Rotation, Exemplar and
-  the supervised baseline use the trunk's own ``logits``.
+* ``pretext`` - ``build_pretext_model``, the one assembler of every pretext
+  model: the batch dict in, views flattened, the trunk nested as ``trunk``,
+  an optional head, ``{"logits", ..., **endpoints}`` out; ``get_trunk``.
+* ``heads`` - head builders ``head_fn(endpoints, inputs) -> outputs``: the
+  Jigsaw/RPL patch heads (``jigsaw_head``, ``rel_patch_head``; reference 4.3,
+  4.4), SimCLR's ``projection_head`` and the inpainting decoder
+  (``inpainting_decoder``). Rotation, Exemplar and the supervised baseline use
+  the trunk's own ``logits``.
 """
 
 from revisit_tf.models.factory import ARCHITECTURES, build_trunk
-from revisit_tf.models.heads import PatchCombine, build_patch_head
-from revisit_tf.models.pretext import (
+from revisit_tf.models.heads import (
     REL_PATCH_TABLE,
-    build_jigsaw_model,
-    build_patch_model,
-    build_rel_patch_model,
-    get_table,
+    PatchCombine,
+    build_patch_head,
+    inpainting_decoder,
+    jigsaw_head,
+    projection_head,
+    rel_patch_head,
+)
+from revisit_tf.models.pretext import (
+    TRUNK_NAME,
+    build_pretext_model,
+    example_spec,
     get_trunk,
+    workdir_files,
 )
 from revisit_tf.models.resnet import ENDPOINTS, build_resnet, count_params
 from revisit_tf.models.revnet import build_revnet
@@ -58,16 +69,20 @@ __all__ = [
     "ARCHITECTURES",
     "ENDPOINTS",
     "REL_PATCH_TABLE",
+    "TRUNK_NAME",
     "PatchCombine",
-    "build_jigsaw_model",
     "build_patch_head",
-    "build_patch_model",
-    "build_rel_patch_model",
+    "build_pretext_model",
     "build_resnet",
     "build_revnet",
     "build_trunk",
     "build_vgg19",
     "count_params",
-    "get_table",
+    "example_spec",
     "get_trunk",
+    "inpainting_decoder",
+    "jigsaw_head",
+    "projection_head",
+    "rel_patch_head",
+    "workdir_files",
 ]

@@ -1,167 +1,225 @@
-"""Pretext models: trunk + head assembled into one Keras model (stage 3).
+"""The one assembler of every pretext model: trunk + optional head (stage 3).
 
-Contract:
+Contract (README "Adding a pretext task"):
 
-* Rotation, Exemplar, supervised: the trunk itself is the pretext model
-  (``build_trunk(num_classes=4 | embed_dim | 1000)``; its ``logits`` endpoint
-  is the head, reference 4.1, 4.2, 4.5).
-* Jigsaw and Relative Patch Location (reference 4.3, 4.4):
-  :func:`build_jigsaw_model` / :func:`build_rel_patch_model` return a
-  functional model with inputs ``{"image": [B, P, h, w, C], "label": [B, m]}``
-  (``P = 9`` patches from ``crop_patches``; ``m`` labels written by the ``pp``
-  ops ``jigsaw_perms`` / ``rel_patch_pairs``) and outputs
-  ``{"logits": [B * m, num_classes], "patch_embedding": [B * P, D],
-  "after_root", "block1".."block4", "pre_logits": per-patch endpoints
-  [B * P, ...]}``. The trunk is applied to the ``B * P`` patches with shared
-  weights (it is one nested model, see :func:`get_trunk`); the head
-  (``models.heads``) combines the embeddings per label.
-* The training loop feeds such a model the batch dict (it has a ``label``
-  input) and averages the loss over the ``B * m`` rows.
+* :func:`build_pretext_model` takes the per-example spec of the training
+  batch (``{"image": [K, H, W, C] or [H, W, C], "label": ..., ...}``, what
+  ``pp`` made, without the batch axis) and builds a functional
+  ``keras.Model`` whose input is the whole batch dict, one ``keras.Input``
+  per key, so the loop calls ``model(batch)`` and never chooses inputs.
+* Inside the model the views (rotated copies, crops, patches) are flattened
+  image-major, ``image [B, K, H, W, C] -> [B * K, H, W, C]``: the one place
+  this happens (reference 4.1-4.4). The trunk, built by
+  ``trunk_fn(input_shape=(H, W, C))``, is nested under the fixed name
+  :data:`TRUNK_NAME`; the loop checkpoints it under that name and the export
+  restores it alone (:func:`get_trunk`), never by searching layer names.
+* ``head_fn(endpoints, inputs) -> {"logits": ..., ...}`` (``models.heads``)
+  receives the trunk's endpoint dict (rows ``[B * K, ...]``) and the batch
+  inputs (e.g. Jigsaw's permutation ``label``), and returns its outputs. Without
+  a head the trunk's own ``logits`` endpoint is the head (Rotation,
+  Exemplar, supervised: the trunk's final linear layer, reference 4.1, 4.2,
+  4.5).
+* Output: ``{**trunk endpoints, **head outputs}``; it always has ``logits``.
+  Losses and metrics (``train.losses``) read it with the batch.
+
+Layers of the model may describe files to keep in the training workdir by
+defining ``workdir_files() -> {name: bytes}`` (the Jigsaw permutation set);
+:func:`workdir_files` collects them for the ``pretrain`` root.
 
 Place in the data flow: ``pp`` -> **models.pretext** -> ``train``; the export
-takes :func:`get_trunk` of the restored model.
+builds the trunk alone and restores it from the checkpoint's ``trunk``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import keras
-import numpy as np
+import tensorflow as tf
 
-from revisit_tf.models import heads
+TRUNK_NAME = "trunk"
 
-REL_PATCH_TABLE = tuple((i, 4) for i in (0, 1, 2, 3, 5, 6, 7, 8))  # reference 4.4
-NUM_PATCHES = 9
+# head_fn(endpoints, inputs) -> outputs, on symbolic (Keras) tensors.
+HeadFn = Callable[[dict[str, Any], dict[str, Any]], Mapping[str, Any]]
 
 
-def build_patch_model(
-    input_shape: Sequence[int | None],
-    *,
-    trunk_fn: Callable[..., keras.Model],
-    table: np.ndarray | Sequence[Sequence[int]],
-    num_patches: int = NUM_PATCHES,
-    hidden: int = heads.HEAD_HIDDEN,
-    dropout: float = heads.HEAD_DROPOUT,
-    head_weight_decay: float = heads.HEAD_WEIGHT_DECAY,
-    layout: str = "interleaved",
-    name: str = "patch_model",
-) -> keras.Model:
-    """Trunk on every patch + :class:`heads.PatchCombine` + patch head.
+def example_spec(batch_spec: Mapping[str, tf.TensorSpec]) -> dict[str, tf.TensorSpec]:
+    """The per-example spec of a batched element spec (drops axis 0).
 
     Args:
-        input_shape: ``(h, w, C)`` of ONE patch (what ``pretrain`` passes: the
-            last three axes of the pp output ``[P, h, w, C]``).
-        trunk_fn: builder called as ``trunk_fn(input_shape=(h, w, C))``; bind
-            its options in gin (``build_trunk.patch_variant = True``,
-            ``build_trunk.num_classes = 1000`` for the per-patch embedding).
-        table: int ``[num_classes, k]`` patch indices per class.
-        num_patches: ``P``.
-        hidden, dropout, head_weight_decay: see ``heads.build_patch_head``.
-        layout: concatenation layout (``heads.PatchCombine``).
-        name: model name.
+        batch_spec: ``dataset.element_spec`` of per-replica batches, e.g.
+            ``{"image": TensorSpec([B, 4, 28, 28, 1]), "label": ([B, 4])}``.
 
     Returns:
-        The pretext model described in the module docstring.
+        ``{key: TensorSpec(shape[1:], dtype)}``.
     """
-    input_shape = tuple(input_shape)
-    if len(input_shape) != 3:
-        raise ValueError(
-            f"input_shape must be the (h, w, C) of one patch, got {input_shape}."
-        )
-    trunk = trunk_fn(input_shape=input_shape)
-    image = keras.Input((num_patches, *input_shape), name="image")
-    label = keras.Input((None,), dtype="int32", name="label")
-    patches = keras.ops.reshape(image, (-1, *input_shape))  # [B*P, h, w, C]
-    endpoints = dict(trunk(patches))
-    embedding = endpoints.pop("logits", None)
-    if embedding is None:
-        embedding = endpoints["pre_logits"]
-    combine = heads.PatchCombine(
-        table=np.asarray(table), num_patches=num_patches, layout=layout, name="combine"
-    )
-    combined = combine([embedding, label])  # [B*m, k*D]
-    head = heads.build_patch_head(
-        int(combined.shape[-1]),
-        combine.num_classes,
-        hidden=hidden,
-        dropout=dropout,
-        weight_decay=head_weight_decay,
-    )
-    outputs = {"logits": head(combined), "patch_embedding": embedding, **endpoints}
-    return keras.Model({"image": image, "label": label}, outputs, name=name)
+    out = {}
+    for key, spec in batch_spec.items():
+        if not isinstance(spec, tf.TensorSpec) or spec.shape.rank in (None, 0):
+            raise ValueError(
+                f"Batch entry {key!r} must be a batched tensor, got {spec!r}; keep "
+                "only tensors in the training pipeline (e.g. keep('image', 'label'))."
+            )
+        out[key] = tf.TensorSpec(spec.shape[1:], spec.dtype, name=key)
+    return out
 
 
-def build_jigsaw_model(
-    input_shape: Sequence[int | None],
+def build_pretext_model(
+    input_spec: Mapping[str, tf.TensorSpec | tuple[Sequence[int | None], Any]],
     *,
     trunk_fn: Callable[..., keras.Model],
-    permutations: np.ndarray,
-    **kwargs,
+    head_fn: HeadFn | None = None,
+    name: str = "pretext",
 ) -> keras.Model:
-    """Jigsaw (reference 4.3): :func:`build_patch_model` with the permutation set.
+    """Builds a pretext model: batch dict -> ``{"logits", ..., **endpoints}``.
+
+    Example:
+
+        spec = {"image": tf.TensorSpec([4, 28, 28, 1]),
+                "label": tf.TensorSpec([4], tf.int32)}
+        model = build_pretext_model(
+            spec, trunk_fn=functools.partial(build_trunk, "resnet50_v1",
+                                             num_classes=4))
+        out = model({"image": x, "label": y})  # out["logits"]: [B * 4, 4]
 
     Args:
-        input_shape: ``(h, w, C)`` of one patch.
-        trunk_fn: the trunk builder (see :func:`build_patch_model`).
-        permutations: int ``[num_permutations, 9]`` 0-based
-            (``pp.permutations.get_permutations``); label ``i`` = row ``i``.
-        **kwargs: head options of :func:`build_patch_model`.
+        input_spec: per-example shape and dtype of every batch key
+            (``example_spec`` of the training dataset), as ``tf.TensorSpec``
+            or ``(shape, dtype)``; ``image`` must be ``[..., H, W, C]``
+            with a known channel count.
+        trunk_fn: trunk builder called as ``trunk_fn(input_shape=(H, W, C))``
+            (bind its options in gin, e.g. ``build_trunk.num_classes``);
+            returns a model whose output is a dict of endpoints.
+        head_fn: optional head builder (``models.heads``) called as
+            ``head_fn(endpoints, inputs)``; it must return a dict with
+            ``logits``. None: the trunk's ``logits`` endpoint is the head.
+        name: model name (the task, e.g. ``"rotation"``).
+
+    Returns:
+        The functional model; its nested trunk is named :data:`TRUNK_NAME`.
+
+    Raises:
+        ValueError: a malformed spec, a trunk without a dict of endpoints, or
+            no ``logits`` output.
     """
-    perms = np.asarray(permutations)
-    return build_patch_model(
-        input_shape,
-        trunk_fn=trunk_fn,
-        table=perms,
-        num_patches=perms.shape[-1],
-        name=kwargs.pop("name", "jigsaw"),
-        **kwargs,
+    specs = {k: _as_spec(k, v) for k, v in input_spec.items()}
+    if "image" not in specs:
+        raise ValueError(
+            f"input_spec needs an 'image' entry; got keys {sorted(specs)}."
+        )
+    image_shape = tuple(specs["image"].shape.as_list())
+    if len(image_shape) < 3 or image_shape[-1] is None:
+        raise ValueError(
+            "input_spec['image'] must be [H, W, C] or [K, ..., H, W, C] with C "
+            f"known; got {list(image_shape)}."
+        )
+    inputs = {
+        key: keras.Input(tuple(spec.shape.as_list()), dtype=spec.dtype.name, name=key)
+        for key, spec in sorted(specs.items())
+    }
+    trunk_shape = image_shape[-3:]
+    images = inputs["image"]
+    if len(image_shape) > 3:  # [B, K, ..., H, W, C] -> [B * K * ..., H, W, C]
+        images = keras.ops.reshape(images, (-1, *trunk_shape))
+    trunk = trunk_fn(input_shape=trunk_shape)
+    logging.info(
+        "Pretext model %r: trunk %s on %s inputs, nested as %r; head %s.",
+        name,
+        trunk.name,
+        "x".join(str(d) for d in trunk_shape),
+        TRUNK_NAME,
+        _callable_name(head_fn),
     )
+    trunk.name = TRUNK_NAME
+    endpoints = trunk(images)
+    if not isinstance(endpoints, Mapping):
+        raise ValueError(
+            f"trunk_fn must build a model whose output is a dict of endpoints; "
+            f"got {type(endpoints).__name__}."
+        )
+    outputs = dict(endpoints)
+    if head_fn is not None:
+        head_outputs = head_fn(dict(endpoints), dict(inputs))
+        if not isinstance(head_outputs, Mapping):
+            raise ValueError(
+                f"head_fn must return a dict of outputs, got "
+                f"{type(head_outputs).__name__}."
+            )
+        outputs.update(head_outputs)
+    if "logits" not in outputs:
+        raise ValueError(
+            f"The pretext model has no 'logits' output (outputs {sorted(outputs)}): "
+            "give the trunk a final layer (build_trunk.num_classes) or a head_fn."
+        )
+    return keras.Model(inputs, outputs, name=name)
 
 
-def build_rel_patch_model(
-    input_shape: Sequence[int | None],
-    *,
-    trunk_fn: Callable[..., keras.Model],
-    **kwargs,
-) -> keras.Model:
-    """Relative Patch Location (reference 4.4): pairs (neighbour, centre).
+def _callable_name(fn: Callable | None) -> str:
+    """``jigsaw_head`` for a function, a gin configurable or a partial of one."""
+    if fn is None:
+        return "none (the trunk's logits)"
+    return getattr(fn, "__name__", None) or _callable_name(getattr(fn, "func", None))
 
-    Label ``l`` concatenates the embeddings of patch ``REL_PATCH_TABLE[l][0]``
-    and of the centre patch 4; the head has 8 outputs.
-    """
-    return build_patch_model(
-        input_shape,
-        trunk_fn=trunk_fn,
-        table=np.asarray(REL_PATCH_TABLE),
-        name=kwargs.pop("name", "rel_patch_location"),
-        **kwargs,
-    )
+
+def _as_spec(key: str, value: Any) -> tf.TensorSpec:
+    if isinstance(value, tf.TensorSpec):
+        spec = value
+    else:
+        try:
+            shape, dtype = value
+            spec = tf.TensorSpec(shape, tf.as_dtype(dtype))
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"input_spec[{key!r}] must be a tf.TensorSpec or (shape, dtype), "
+                f"got {value!r}."
+            ) from e
+    if spec.shape.rank is None or not (
+        spec.dtype.is_floating or spec.dtype.is_integer or spec.dtype.is_bool
+    ):
+        raise ValueError(
+            f"input_spec[{key!r}] must have a known rank and a numeric dtype, got "
+            f"{spec}."
+        )
+    return spec
 
 
 def get_trunk(model: keras.Model) -> keras.Model:
-    """The trunk of a pretext model: its nested model, or ``model`` itself.
-
-    Rotation/Exemplar/supervised models are trunks; patch models hold the
-    trunk as their only nested ``keras.Model`` (the head is the other one,
-    named ``patch_head``).
-    """
-    nested = [
-        layer
-        for layer in model.layers
-        if isinstance(layer, keras.Model) and not layer.name.endswith("patch_head")
-    ]
-    if len(nested) > 1:
+    """The trunk of a pretext model: its nested model named :data:`TRUNK_NAME`."""
+    try:
+        trunk = model.get_layer(TRUNK_NAME)
+    except ValueError:
+        trunk = None
+    if not isinstance(trunk, keras.Model):
         raise ValueError(
-            f"Model {model.name!r} holds several nested models "
-            f"{[m.name for m in nested]}; cannot tell which is the trunk."
+            f"Model {model.name!r} has no nested trunk named {TRUNK_NAME!r}; build "
+            "pretext models with models.pretext.build_pretext_model."
         )
-    return nested[0] if nested else model
+    return trunk
 
 
-def get_table(model: keras.Model) -> np.ndarray | None:
-    """The ``PatchCombine`` table of a patch model (the Jigsaw permutations)."""
+def workdir_files(model: keras.Model) -> dict[str, bytes]:
+    """Files that layers of ``model`` ask to keep in the workdir, by name.
+
+    Any layer (at any nesting depth) with a ``workdir_files()`` method
+    contributes its ``{file name: bytes}``; two layers naming the same file
+    is an error.
+    """
+    files: dict[str, bytes] = {}
+
+    def visit(layer: keras.layers.Layer) -> None:
+        method = getattr(layer, "workdir_files", None)
+        if callable(method):
+            for file_name, data in method().items():
+                if file_name in files:
+                    raise ValueError(
+                        f"Two layers of {model.name!r} write {file_name!r}."
+                    )
+                files[file_name] = data
+        for child in getattr(layer, "layers", ()):
+            visit(child)
+
     for layer in model.layers:
-        if isinstance(layer, heads.PatchCombine):
-            return np.asarray(layer.table, np.int32)
-    return None
+        visit(layer)
+    return files

@@ -231,21 +231,41 @@ def read_permutation_file(
     )
 
 
+def permutation_file_bytes(permutations: np.ndarray) -> bytes:
+    """A 0-based table in the original binary format (reference 4.6).
+
+    Little-endian int32: ``num_perms``, ``perm_len``, then the rows 1-based.
+    """
+    perms = validate_permutations(permutations, length=np.shape(permutations)[-1])
+    header = np.array(perms.shape, "<i4")
+    data = np.concatenate([header, (perms + 1).reshape(-1).astype("<i4")])
+    return data.astype("<i4").tobytes()
+
+
+def describe_permutations(permutations: np.ndarray) -> dict:
+    """Hamming statistics and file SHA-256 of a table (``permutations.json``)."""
+    digest = hashlib.sha256(permutation_file_bytes(permutations)).hexdigest()
+    return {
+        **hamming_stats(np.asarray(permutations)),
+        "sha256": digest,
+        "is_reference_set": digest == REFERENCE_SHA256,
+        "file": "permutations.bin (int32 LE: n, 9, then 1-based rows)",
+    }
+
+
 def write_permutation_file(path: str, permutations: np.ndarray) -> None:
     """Writes a 0-based table in the original 1-based binary format, atomically.
 
     The bytes go to a temporary sibling that is renamed over ``path``, so a
     crash never leaves a half-written file.
     """
-    perms = validate_permutations(permutations, length=np.shape(permutations)[-1])
-    header = np.array(perms.shape, "<i4")
-    data = np.concatenate([header, (perms + 1).reshape(-1).astype("<i4")])
+    data = permutation_file_bytes(permutations)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as f:
-            f.write(data.astype("<i4").tobytes())
+            f.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

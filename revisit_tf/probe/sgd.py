@@ -178,8 +178,9 @@ def train_sgd_probe(
 
     steps_per_epoch = optim.steps_per_epoch(len(y), batch_size)
     total_steps = math.ceil(epochs * steps_per_epoch)
-    schedule = optim.build_schedule(
+    schedule = optim.reference_schedule(
         lr=lr,
+        total_steps=total_steps,
         global_batch_size=batch_size,
         reference_batch_size=reference_batch_size,
         steps_per_epoch=steps_per_epoch,

@@ -1,7 +1,10 @@
 """Checkpoints that survive preemption (stage 4, training).
 
-``tf.train.Checkpoint`` of the model and optimizer (whose ``iterations`` is the
-global step) under a ``CheckpointManager`` in ``<workdir>/checkpoints``. TF
+``tf.train.Checkpoint`` of the pretext model, its trunk (the same variables,
+also reachable under the key ``trunk`` so that the export restores the trunk
+alone, without building the task's head) and the optimizer (whose
+``iterations`` is the global step) under a ``CheckpointManager`` in
+``<workdir>/checkpoints``. TF
 writes each checkpoint to temporary files and renames them, and updates the
 ``checkpoint`` state file atomically, so a run killed at any moment leaves the
 previous checkpoints intact; the next run resumes from the newest one.
@@ -42,10 +45,11 @@ def _restore(checkpoint: tf.train.Checkpoint, path: str, *, partial: bool) -> No
         ) from e
 
 
-def restore_model(workdir: str, model: keras.Model) -> str:
-    """Restores only ``model`` from the newest checkpoint of ``workdir``.
+def restore_trunk(workdir: str, trunk: keras.Model) -> str:
+    """Restores ``trunk`` from the ``trunk`` key of the newest checkpoint.
 
-    Used by the export: the optimizer slots in the checkpoint are ignored.
+    Used by the export: the head and the optimizer slots in the checkpoint
+    are ignored; every variable of ``trunk`` must be found.
 
     Returns:
       The checkpoint path restored.
@@ -60,7 +64,7 @@ def restore_model(workdir: str, model: keras.Model) -> str:
         raise FileNotFoundError(
             f"No checkpoint in {directory!r}: train with this workdir first."
         )
-    _restore(tf.train.Checkpoint(model=model), path, partial=True)
+    _restore(tf.train.Checkpoint(trunk=trunk), path, partial=True)
     return path
 
 
@@ -68,7 +72,8 @@ class Checkpointer:
     """Saves and restores ``model`` + ``optimizer`` in ``<workdir>/checkpoints``.
 
     Example:
-      ckpt = Checkpointer(workdir, model=model, optimizer=optimizer)
+      ckpt = Checkpointer(workdir, model=model, optimizer=optimizer,
+                          trunk=pretext.get_trunk(model))
       start_step = ckpt.restore_latest()  # 0 for a fresh run
       ...
       ckpt.save(step)
@@ -80,6 +85,7 @@ class Checkpointer:
         *,
         model: keras.Model,
         optimizer: keras.optimizers.Optimizer,
+        trunk: keras.Model | None = None,
         max_to_keep: int = 3,
         is_chief: bool = True,
         worker_id: int = 0,
@@ -89,7 +95,10 @@ class Checkpointer:
         self.directory = os.path.join(workdir, "checkpoints")
         self._is_chief = is_chief
         self._optimizer = optimizer
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        objects = {"model": model, "optimizer": optimizer}
+        if trunk is not None:
+            objects["trunk"] = trunk
+        self.checkpoint = tf.train.Checkpoint(**objects)
         save_dir = self.directory
         if not is_chief:
             save_dir = os.path.join(workdir, ".worker_tmp", f"worker_{worker_id}")

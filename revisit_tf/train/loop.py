@@ -2,15 +2,19 @@
 
 Structure (SimCLR tf2 / Model Garden, style guide 4.5):
 
-* ``loss_and_gradients`` is the single-replica view of one step: flatten the
-  pretext views ``[B, K, ...] -> [B*K, ...]`` (the one place this happens),
-  forward in training mode, per-row loss averaged over the *global* number of
-  rows with ``tf.nn.compute_average_loss``, plus the model's L2 regularization
-  losses scaled by ``1 / num_replicas`` (reference section 6), gradients.
+* ``loss_and_gradients`` is the single-replica view of one step: the
+  pretext model is called on the replica's batch dict in training mode, the
+  task's ``loss_fn(batch, outputs) -> [B]`` (``train.losses``) is averaged
+  over the *global* batch in source examples with
+  ``tf.nn.compute_average_loss``, the model's L2 regularization losses are
+  added scaled by ``1 / num_replicas`` (reference section 6), and the
+  gradients are taken. The loop knows nothing of views, patches, pixels or
+  labels: that is the model's and the loss function's business.
 * ``train`` builds an outer ``tf.function`` that runs ``steps_per_loop`` steps
   (``strategy.run`` inside ``tf.range``); between outer loops it logs a
-  progress line (loss, pretext accuracy, learning rate, images/s, ETA), writes
-  TensorBoard scalars and saves checkpoints every ``checkpoint_every`` steps.
+  progress line (loss, the task's metrics, learning rate, examples/s, ETA),
+  writes TensorBoard scalars and saves checkpoints every ``checkpoint_every``
+  steps.
 * A run resumes from the newest checkpoint of its workdir and stops at exactly
   ``total_steps``. SIGTERM (preemption) makes it save a checkpoint at the end of
   the current outer loop and exit cleanly.
@@ -30,79 +34,49 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+from revisit_tf.models import pretext as pretext_lib
 from revisit_tf.train import checkpoint as checkpoint_lib
 from revisit_tf.train import losses as losses_lib
 from revisit_tf.train import strategy as strategy_lib
 
-LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
-# (labels [rows], logits [rows, C]) -> per-row values [rows], or a dict of
-# them; the loop reports each as the fraction of rows (a tensor is "accuracy").
-MetricFn = Callable[[tf.Tensor, tf.Tensor], "tf.Tensor | dict[str, tf.Tensor]"]
+LossFn = losses_lib.LossFn
+MetricFn = losses_lib.MetricFn
 
 
-def flatten_views(batch: dict) -> tuple[tf.Tensor, tf.Tensor]:
-    """``{"image": [B, K, H, W, C], "label": [B, K]}`` -> ``[B*K, H, W, C]``, ``[B*K]``.
-
-    Image-major order (all views of image 0, then image 1, ...), as reference
-    4.1. A batch without a view axis (``[B, H, W, C]``, ``[B]``) is returned
-    unchanged.
-    """
-    images, labels = batch["image"], batch["label"]
-    if images.shape.rank == 5:
-        images = tf.reshape(images, [-1, *images.shape[2:]])
-    elif images.shape.rank != 4:
+def _check_per_example(name: str, values: tf.Tensor, batch: dict) -> tf.Tensor:
+    """``values`` must be ``[B]``: one value per source example of ``batch``."""
+    if values.shape.rank != 1:
         raise ValueError(
-            "Expected batch['image'] of rank 4 [B, H, W, C] or 5 [B, K, H, W, C]; "
-            f"got shape {images.shape}."
+            f"{name} must return one value per source example, shape [B]; got "
+            f"shape {values.shape}. Reduce the rows of each example (views, "
+            "patches, pixels) inside the loss (train.losses.per_example_mean)."
         )
-    return images, tf.reshape(labels, [-1])
+    check = tf.debugging.assert_equal(
+        tf.shape(values)[0],
+        losses_lib.examples_in(batch),
+        message=f"{name} must return [B] values for a batch of B source examples",
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(values)
 
 
-def rows_per_example(element_spec: dict) -> int:
-    """Loss rows per source image: ``K`` of the ``[B, K]`` labels, else 1.
-
-    Rotation 4, Exemplar 8 (copies), Jigsaw 8 (permutations per image, while
-    the image holds 9 patches), RPL 8 (pairs), supervised 1.
-    """
-    shape = element_spec["label"].shape
-    if shape.rank is not None and shape.rank >= 2:
-        return int(shape[1])
-    return 1
-
-
-def takes_labels(model: keras.Model) -> bool:
-    """True for models fed the whole batch dict (``{"image", "label"}``).
-
-    The patch-task models (``models.pretext``) read the permutation/pair
-    indices that ``pp`` wrote as ``label`` to combine patch embeddings; their
-    functional input is a dict with a ``label`` entry.
-    """
-    try:
-        inputs = model.input
-    except (AttributeError, ValueError):  # subclassed or unbuilt models
-        return False
-    return isinstance(inputs, dict) and "label" in inputs
-
-
-def model_inputs(model: keras.Model, batch: dict) -> tuple:
-    """``(inputs, labels [rows])``: what to feed ``model`` and the loss labels.
-
-    Image models get ``flatten_views(batch)`` images; models that take labels
-    get the batch dict (images ``[B, P, h, w, C]``, labels ``[B, K]``, the
-    model flattens the patches itself) and the labels flattened image-major.
-    """
-    if takes_labels(model):
-        inputs = {"image": batch["image"], "label": batch["label"]}
-        return inputs, tf.reshape(batch["label"], [-1])
-    return flatten_views(batch)
-
-
-def metric_sums(metric_fn: MetricFn, labels, logits) -> dict[str, tf.Tensor]:
-    """Sums of the per-row metrics over this replica's rows, by name."""
-    values = metric_fn(labels, logits)
+def metric_sums(
+    metric_fn: MetricFn | None, batch: dict, outputs: dict
+) -> dict[str, tf.Tensor]:
+    """Sums of the per-example metrics over this replica's batch, by name."""
+    if metric_fn is None:
+        return {}
+    values = metric_fn(batch, outputs)
     if not isinstance(values, dict):
-        values = {"accuracy": values}
-    return {k: tf.reduce_sum(tf.cast(v, tf.float32)) for k, v in values.items()}
+        raise ValueError(
+            f"metric_fn must return a dict {{name: [B]}}, got {type(values).__name__}."
+        )
+    return {
+        k: tf.reduce_sum(
+            tf.cast(_check_per_example(f"metric {k!r}", v, batch), tf.float32)
+        )
+        for k, v in values.items()
+    }
 
 
 def loss_and_gradients(
@@ -110,54 +84,62 @@ def loss_and_gradients(
     loss_fn: LossFn,
     batch: dict,
     *,
-    global_rows: int,
+    global_batch_size: int,
     optimizer: keras.optimizers.Optimizer | None = None,
-    metric_fn: MetricFn = losses_lib.correct_top1,
+    metric_fn: MetricFn | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor, list[tf.Tensor], dict[str, tf.Tensor]]:
     """One replica's share of a training step (call inside ``strategy.run``).
 
     Args:
-      model: returns a dict with ``logits`` ``[rows, num_classes]``.
-      loss_fn: per-row loss ``(labels [rows], logits) -> [rows]``.
-      batch: this replica's batch ``{"image", "label"}`` (see model_inputs).
-      global_rows: loss rows in the *global* batch (global batch x K).
-      metric_fn: per-row metric(s) (default: top-1 correct -> ``accuracy``).
+      model: a pretext model (``models.pretext``): batch dict -> outputs.
+      loss_fn: ``(batch, outputs) -> [B]`` per-example loss.
+      batch: this replica's batch, as the input pipeline made it.
+      global_batch_size: source examples in the *global* batch.
       optimizer: the optimizer that will apply the gradients; for a
         ``keras.optimizers.LossScaleOptimizer`` (mixed_float16 trunks) the
         gradients are those of its scaled loss, which ``apply_gradients``
         unscales (skipping the step when they are not finite).
+      metric_fn: ``(batch, outputs) -> {name: [B]}`` or None.
 
     Returns:
       ``(loss, task_loss, gradients, metric_sums)``: this replica's share of
       the total loss and of the task loss (they sum to the global values over
       replicas), its gradients (summed over replicas by the optimizer) and its
-      sums of the per-row metrics, by name (``accuracy``: correct top-1).
+      sums of the per-example metrics, by name.
     """
-    inputs, labels = model_inputs(model, batch)
     with tf.GradientTape() as tape:
-        logits = model(inputs, training=True)["logits"]
-        per_row = loss_fn(labels, logits)
-        task_loss = tf.nn.compute_average_loss(per_row, global_batch_size=global_rows)
+        outputs = model(batch, training=True)
+        per_example = _check_per_example("loss_fn", loss_fn(batch, outputs), batch)
+        task_loss = tf.nn.compute_average_loss(
+            per_example, global_batch_size=global_batch_size
+        )
         loss = task_loss
         if model.losses:
-            loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            loss += tf.cast(
+                tf.nn.scale_regularization_loss(tf.add_n(model.losses)), loss.dtype
+            )
         loss_for_grads = loss
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             # mixed_float16: gradients of the scaled loss; apply_gradients
             # unscales them and skips the step if they are not finite.
             loss_for_grads = optimizer.scale_loss(loss)
     grads = tape.gradient(loss_for_grads, model.trainable_variables)
-    correct = metric_sums(metric_fn, labels, logits)
-    return loss, task_loss, grads, correct
+    return loss, task_loss, grads, metric_sums(metric_fn, batch, outputs)
 
 
 def uses_float16(model: keras.Model) -> bool:
-    """True if any layer computes in float16 (``mixed_float16`` policy).
+    """True if any layer, at any nesting depth, computes in float16.
 
-    Such a model needs loss scaling; bfloat16 has float32's exponent range
-    and does not.
+    Such a model (``mixed_float16`` trunk) needs loss scaling; bfloat16 has
+    float32's exponent range and does not.
     """
-    return any(layer.compute_dtype == "float16" for layer in model.layers)
+
+    def visit(layer: keras.layers.Layer) -> bool:
+        return layer.compute_dtype == "float16" or any(
+            visit(child) for child in getattr(layer, "layers", ())
+        )
+
+    return any(visit(layer) for layer in model.layers)
 
 
 class _Preemption:
@@ -189,6 +171,12 @@ def _format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def _format_metric(name: str, value: float) -> str:
+    if "accuracy" in name:
+        return f"{name} {100 * value:.2f}%"
+    return f"{name} {value:.4g}"
+
+
 def train(
     *,
     model: keras.Model,
@@ -198,48 +186,53 @@ def train(
     total_steps: int,
     global_batch_size: int,
     workdir: str,
-    loss_fn: LossFn = losses_lib.softmax_xent,
+    loss_fn: LossFn,
+    metric_fn: MetricFn | None = None,
     steps_per_loop: int = 100,
     checkpoint_every: int = 1000,
     keep_checkpoints: int = 3,
     on_first_loop: Callable[[], None] | None = None,
-    metric_fn: MetricFn = losses_lib.correct_top1,
 ) -> dict[str, float]:
     """Trains ``model`` until the optimizer's step counter reaches ``total_steps``.
 
     ``model`` and ``optimizer`` must have been created under ``strategy.scope()``.
 
     Args:
-      model: Keras model returning a dict with ``logits``.
+      model: a pretext model (``models.pretext.build_pretext_model``): the
+        batch dict in, a dict of outputs out; its trunk is checkpointed under
+        its own key too (``models.pretext.get_trunk``) for the export.
       optimizer: Keras optimizer; its ``iterations`` is the global step.
       strategy: the distribution strategy.
       dataset_fn: ``InputContext -> tf.data.Dataset`` of per-replica batches
         (``make_train_dataset``), passed to
         ``strategy.distribute_datasets_from_function``.
       total_steps: stop when the global step reaches this.
-      global_batch_size: source images per step over all replicas.
+      global_batch_size: source examples per step over all replicas (the
+        loss denominator).
       workdir: checkpoints in ``workdir/checkpoints``, TensorBoard events in
         ``workdir/tensorboard``.
-      loss_fn: per-row loss.
+      loss_fn: ``(batch, outputs) -> [B]`` (``train.losses``).
+      metric_fn: ``(batch, outputs) -> {name: [B]}``, logged as means over the
+        examples of each outer loop; None for the loss alone.
       steps_per_loop: steps per call of the compiled outer loop; logs, summaries
         and checkpoints happen between calls.
       checkpoint_every: save every this many steps (and at the end).
       keep_checkpoints: how many recent checkpoints to keep.
       on_first_loop: called once after the first outer loop of this process
         (the trainer binary writes gin's operative config there).
-      metric_fn: per-row pretext metric(s), reported as fractions of the rows
-        (a tensor is ``accuracy``; a dict gives one metric per key).
 
     Returns:
-      Metrics of the last outer loop: ``loss``, ``task_loss``, ``accuracy``
-      (and any other ``metric_fn`` key), ``learning_rate``, ``step``,
-      ``images_per_sec`` (empty if nothing ran).
+      Metrics of the last outer loop: ``loss``, ``task_loss``, each
+      ``metric_fn`` key, ``learning_rate``, ``step``, ``examples_per_sec``
+      (empty if nothing ran).
     """
     if total_steps < 0 or steps_per_loop < 1 or checkpoint_every < 1:
         raise ValueError(
             f"total_steps ({total_steps}) must be >= 0, steps_per_loop "
             f"({steps_per_loop}) and checkpoint_every ({checkpoint_every}) >= 1."
         )
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be >= 1; got {global_batch_size}.")
     chief = strategy_lib.is_chief(strategy)
     resolver = getattr(strategy, "cluster_resolver", None)
     with strategy.scope():
@@ -254,6 +247,7 @@ def train(
         workdir,
         model=model,
         optimizer=optimizer,
+        trunk=pretext_lib.get_trunk(model),
         max_to_keep=keep_checkpoints,
         is_chief=chief,
         worker_id=getattr(resolver, "task_id", 0) or 0,
@@ -265,39 +259,35 @@ def train(
 
     dataset = strategy.distribute_datasets_from_function(dataset_fn)
     iterator = iter(dataset)
-    # The per-replica element spec, from a throwaway (never iterated) dataset.
-    views = rows_per_example(dataset_fn(tf.distribute.InputContext()).element_spec)
-    global_rows = global_batch_size * views
-    dummy_labels, dummy_logits = tf.zeros([2], tf.int32), tf.zeros([2, 8])
-    metric_names = sorted(metric_sums(metric_fn, dummy_labels, dummy_logits))
 
     def step_fn(batch):
-        loss, task_loss, grads, correct = loss_and_gradients(
+        loss, task_loss, grads, sums = loss_and_gradients(
             model,
             loss_fn,
             batch,
-            global_rows=global_rows,
+            global_batch_size=global_batch_size,
             optimizer=optimizer,
             metric_fn=metric_fn,
         )
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-        return loss, task_loss, correct
+        return {"loss": loss, "task_loss": task_loss, **sums}
 
-    def _reduce_sum(value):
-        return tf.cast(strategy.reduce("SUM", value, axis=None), tf.float32)
+    def run_step(iterator):
+        values = strategy.run(step_fn, args=(next(iterator),))
+        return {
+            k: tf.cast(strategy.reduce("SUM", v, axis=None), tf.float32)
+            for k, v in values.items()
+        }
 
     @tf.function
     def train_loop(iterator, num_steps):
-        loss_sum = task_sum = tf.constant(0.0)
-        correct_sum = {k: tf.constant(0.0) for k in metric_names}
-        for _ in tf.range(num_steps):
-            loss, task_loss, correct = strategy.run(step_fn, args=(next(iterator),))
-            loss_sum += _reduce_sum(loss)
-            task_sum += _reduce_sum(task_loss)
-            correct_sum = {
-                k: correct_sum[k] + _reduce_sum(correct[k]) for k in metric_names
-            }
-        return loss_sum, task_sum, correct_sum
+        # The first step is peeled off the loop so that the accumulators take
+        # the structure of whatever metrics the task's metric_fn returns.
+        sums = run_step(iterator)
+        for _ in tf.range(num_steps - 1):
+            values = run_step(iterator)
+            sums = {k: sums[k] + values[k] for k in sums}
+        return sums
 
     writer = (
         tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
@@ -305,13 +295,11 @@ def train(
         else tf.summary.create_noop_writer()
     )
     logging.info(
-        "Training from step %d to %d: global batch %d images x %d views = %d rows, "
-        "%d replica(s), per-replica batch %d.",
+        "Training from step %d to %d: global batch %d examples, %d replica(s), "
+        "per-replica batch %d.",
         step,
         total_steps,
         global_batch_size,
-        views,
-        global_rows,
         strategy.num_replicas_in_sync,
         global_batch_size // strategy.num_replicas_in_sync,
     )
@@ -325,15 +313,13 @@ def train(
             # Rate at the loop's first step (the schedule reads optimizer.iterations).
             lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
             t0 = time.perf_counter()
-            loss_sum, task_sum, correct_sum = train_loop(
-                iterator, tf.constant(num_steps)
-            )
-            loss_sum = float(loss_sum)  # blocks until the loop is done
+            sums = train_loop(iterator, tf.constant(num_steps))
+            sums = {k: float(v) for k, v in sums.items()}  # blocks until done
             seconds = time.perf_counter() - t0
             step = int(optimizer.iterations.numpy())
-            if not math.isfinite(loss_sum):
+            if not math.isfinite(sums["loss"]):
                 raise FloatingPointError(
-                    f"Loss is {loss_sum} at step {step}: training diverged. "
+                    f"Loss is {sums['loss']} at step {step}: training diverged. "
                     "Lower the learning rate or check the input pipeline."
                 )
             if not first_loop:  # the first loop includes tracing time
@@ -343,32 +329,33 @@ def train(
                 if recent
                 else num_steps / seconds
             )
+            task_metrics = {
+                k: v / (num_steps * global_batch_size)
+                for k, v in sums.items()
+                if k not in ("loss", "task_loss")
+            }
             metrics = {
                 "step": step,
-                "loss": loss_sum / num_steps,
-                "task_loss": float(task_sum) / num_steps,
-                **{
-                    k: float(v) / (num_steps * global_rows)
-                    for k, v in correct_sum.items()
-                },
+                "loss": sums["loss"] / num_steps,
+                "task_loss": sums["task_loss"] / num_steps,
+                **task_metrics,
                 "learning_rate": lr,
-                "images_per_sec": rate * global_rows,
                 "examples_per_sec": rate * global_batch_size,
             }
             logging.info(
-                "step %d/%d  loss %.4f  acc %.2f%%  lr %.4g  %.0f img/s  ETA %s",
+                "step %d/%d  loss %.4f  %s%slr %.4g  %.0f examples/s  ETA %s",
                 step,
                 total_steps,
                 metrics["loss"],
-                100 * metrics.get("accuracy", float("nan")),
+                "  ".join(_format_metric(k, v) for k, v in task_metrics.items()),
+                "  " if task_metrics else "",
                 lr,
-                metrics["images_per_sec"],
+                metrics["examples_per_sec"],
                 _format_duration((total_steps - step) / rate),
             )
             with writer.as_default(step=step):
-                for name in ("loss", "task_loss", *metric_names, "learning_rate"):
+                for name in ("loss", "task_loss", *task_metrics, "learning_rate"):
                     tf.summary.scalar(f"train/{name}", metrics[name])
-                tf.summary.scalar("train/images_per_sec", metrics["images_per_sec"])
                 tf.summary.scalar("train/examples_per_sec", metrics["examples_per_sec"])
             writer.flush()
             if first_loop:
