@@ -2,7 +2,7 @@
 
 Gin files bind the roots' arguments (``pretrain.*``, ``export_model.*``,
 ``linear_probe.*``) and reference the registered builders by name
-(``pretrain.model_fn = @build_trunk``). Library code never sees gin.
+(``build_pretext_model.trunk_fn = @build_trunk``). Library code never sees gin.
 Every gin file starts with ``import revisit_tf.configurables`` so that it can
 be parsed on its own.
 """

@@ -257,7 +257,7 @@ def export_model(
 
     Raises:
       FileNotFoundError: no checkpoint in ``workdir`` and not ``random_init``.
-      CheckpointError: the checkpoint cannot be restored into ``model_fn()``.
+      CheckpointError: the checkpoint cannot be restored into ``trunk_fn()``.
     """
     image_shape = tuple(image_shape)
     if len(image_shape) != 3 or image_shape[-1] is None:

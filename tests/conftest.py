@@ -29,3 +29,11 @@ tf.config.set_logical_device_configuration(
 def _clear_gin():
     yield
     gin.clear_config(clear_constants=True)
+
+
+@pytest.fixture
+def seeded():
+    """TF's global seed fixed for one test (the pp op tests' random draws)."""
+    tf.random.set_seed(1234)
+    yield
+    tf.random.set_seed(None)

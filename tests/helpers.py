@@ -17,3 +17,10 @@ def run_both(fn, data):
         {k: np.asarray(v) for k, v in eager.items()},
         {k: np.asarray(v) for k, v in in_dataset.items()},
     )
+
+
+def run_pipeline(pipeline, data):
+    """Builds the pp string ``pipeline`` and runs it with :func:`run_both`."""
+    from revisit_tf.pp import get_preprocess_fn
+
+    return run_both(get_preprocess_fn(pipeline, log_data=False), data)

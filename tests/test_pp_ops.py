@@ -16,17 +16,8 @@ import tensorflow as tf
 
 from revisit_tf.pp import get_preprocess_fn
 
-
-@pytest.fixture(autouse=True)
-def _seeded():
-    tf.random.set_seed(1234)
-    yield
-    tf.random.set_seed(None)
-
-
-def run_both(pipeline, data):
-    """Runs `pipeline` eagerly and in tf.data; returns (eager, dataset) numpy dicts."""
-    return helpers.run_both(get_preprocess_fn(pipeline, log_data=False), data)
+pytestmark = pytest.mark.usefixtures("seeded")
+run_both = helpers.run_pipeline  # pipeline string, eagerly and in tf.data
 
 
 def dataset_spec(pipeline, data):

@@ -11,16 +11,8 @@ import tensorflow as tf
 from revisit_tf.pp import get_preprocess_fn, ops_views
 from revisit_tf.pp.registry import isolated_registry
 
-
-@pytest.fixture(autouse=True)
-def _seeded():
-    tf.random.set_seed(1234)
-    yield
-    tf.random.set_seed(None)
-
-
-def run_both(pipeline, data):
-    return helpers.run_both(get_preprocess_fn(pipeline, log_data=False), data)
+pytestmark = pytest.mark.usefixtures("seeded")
+run_both = helpers.run_pipeline  # pipeline string, eagerly and in tf.data
 
 
 def distinct_image(h, w, c=3):

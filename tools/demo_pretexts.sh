@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# Issue 4 demo: Exemplar, Jigsaw and Relative Patch Location on Fashion-MNIST,
-# each trained, exported and probed (pre_logits; patch tasks: mean over the
-# 9 patches), reported beside Rotation, random init and raw pixels.
+# The pretext demos: Exemplar, Jigsaw, Relative Patch Location, SimCLR and
+# inpainting on Fashion-MNIST, each trained, exported and probed (pre_logits;
+# patch tasks: mean over the 9 patches), reported beside Rotation, random
+# init and raw pixels.
 # Usage: bash tools/demo_pretexts.sh [WORKDIR] [TASK...]
 #   WORKDIR defaults to runs/demo (shared with tools/demo.sh: its rotation,
 #   random_init and pixels rows are reused when present, otherwise
-#   tools/demo.sh is run first). TASKs default to all three.
+#   tools/demo.sh is run first). TASKs default to all five.
 #
-# Measured (seed 0) on the 2-core CPU shared with two other engineers' test
-# runs (load average 3-5), one run each; pretext accuracy = last logged loop:
-#   task        train time  pretext accuracy (chance)      pre_logits probe top-1
-#   rotation     9.6 min    98.9% 4-way (25%)              87.3%
-#   exemplar    11.0 min    79.0% nearest-neighbour (2.7%) 87.1%
-#   jigsaw      14.6 min    84-89% 100-way (1%)            88.1%
-#   rel. patch  10.8 min    76.1% 8-way (12.5%)            88.5%
+# Measured (seed 0), one run each; pretext metric = last logged loop:
+#   task        train time  pretext metric (chance)        pre_logits probe top-1
+#   rotation     6.5 min    98.9% 4-way (25%)              87.6%   (AMD EPYC)
+#   exemplar    11.0 min    79.0% nearest-neighbour (2.7%) 87.1%   (Intel, loaded)
+#   jigsaw      14.6 min    84-89% 100-way (1%)            88.1%   (Intel, loaded)
+#   rel. patch  10.8 min    76.1% 8-way (12.5%)            88.5%   (Intel, loaded)
+#   simclr       8.6 min    17.7% contrastive (0.2%)       87.4%   (AMD EPYC)
+#   inpainting  11.2 min    17.1 dB PSNR of the region     86.8%   (AMD EPYC)
 #   random init       -     -                              84.2%
 #   raw pixels        -     -                              84.5%
-# Export + probe add 1.5-3 min per task. Fashion-MNIST test split (10,000):
+# Export + probe add 1-3 min per task. Fashion-MNIST test split (10,000):
 # one standard error is about 0.3 points.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,7 +27,7 @@ export PATH="$PWD/.venv/bin:$PATH" TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
 W=${1:-runs/demo}
 shift || true
 TASKS=("$@")
-[ ${#TASKS[@]} -eq 0 ] && TASKS=(exemplar jigsaw rel_patch_location)
+[ ${#TASKS[@]} -eq 0 ] && TASKS=(exemplar jigsaw rel_patch_location simclr inpainting)
 start=$(date +%s)
 log() { echo "== [$(( $(date +%s) - start ))s] $*"; }
 
@@ -52,8 +54,12 @@ for task in "${TASKS[@]}"; do
   python - "$W/$task" <<'PY'
 import json, sys
 m = json.load(open(f"{sys.argv[1]}/train_metrics.json"))
-print(f"{sys.argv[1]}: step {m['step']}, pretext accuracy {100 * m['accuracy']:.1f}% "
-      f"(last logged loop), loss {m['loss']:.3f}")
+skip = {"step", "loss", "task_loss", "learning_rate", "examples_per_sec"}
+task = ", ".join(
+    f"{k} {100 * v:.1f}%" if "accuracy" in k else f"{k} {v:.2f}"
+    for k, v in sorted(m.items()) if k not in skip
+)
+print(f"{sys.argv[1]}: step {m['step']}, {task} (last logged loop), loss {m['loss']:.3f}")
 PY
 done
 log "done in $(( $(date +%s) - start ))s; table in $W/report_pretexts.md"
