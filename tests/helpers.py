@@ -3,6 +3,8 @@
 import numpy as np
 import tensorflow as tf
 
+from revisit_tf.pp import get_preprocess_fn
+
 
 def run_both(fn, data):
     """Runs ``fn`` eagerly and inside ``tf.data.Dataset.map``.
@@ -21,6 +23,20 @@ def run_both(fn, data):
 
 def run_pipeline(pipeline, data):
     """Builds the pp string ``pipeline`` and runs it with :func:`run_both`."""
-    from revisit_tf.pp import get_preprocess_fn
-
     return run_both(get_preprocess_fn(pipeline, log_data=False), data)
+
+
+def two_replica_strategy():
+    """MirroredStrategy on the 2 logical CPUs of conftest.py.
+
+    ``ReductionToOneDevice`` instead of the default collective all-reduce: the
+    collective ops of different MirroredStrategy objects in one process share
+    instance keys and abort on a shape or dtype mismatch (tests/test_train_loop.py
+    and others create their own strategies). The optimizer path is the same:
+    a replica-context SUM all-reduce, then ``extended.update`` per replica.
+    """
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    assert len(devices) == 2, "conftest should create 2 logical CPUs"
+    return tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )

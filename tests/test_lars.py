@@ -1,5 +1,6 @@
 """LARS against an independent NumPy implementation of its update."""
 
+import helpers
 import keras
 import numpy as np
 import pytest
@@ -140,22 +141,6 @@ def test_zero_norms_use_trust_one():
     np.testing.assert_allclose(w.numpy(), 1.0 - 0.05, rtol=1e-6)
 
 
-def _two_replicas():
-    """MirroredStrategy on the 2 logical CPUs of conftest.py.
-
-    ``ReductionToOneDevice`` instead of the default collective all-reduce: the
-    collective ops of different MirroredStrategy objects in one process share
-    instance keys and abort on a shape or dtype mismatch (tests/test_train_loop.py
-    and others create their own strategies). The optimizer path is the same:
-    a replica-context SUM all-reduce, then ``extended.update`` per replica.
-    """
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-    assert len(devices) == 2, "conftest should create 2 logical CPUs"
-    return tf.distribute.MirroredStrategy(
-        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
-    )
-
-
 def test_two_replicas_match_one_device():
     """Each replica holds half the global gradient plus a +-D share."""
     hp = {"momentum": 0.9, "trust_coefficient": 0.5, "weight_decay": 0.01}
@@ -163,7 +148,7 @@ def test_two_replicas_match_one_device():
     opt1 = optim.lars(LR, **hp)
     apply1 = _apply_fn(opt1, single.trainable_variables)
 
-    strategy = _two_replicas()
+    strategy = helpers.two_replica_strategy()
     with strategy.scope():
         mirrored = _dense()
         opt2 = optim.lars(LR, **hp)

@@ -2,6 +2,7 @@
 
 import math
 
+import helpers
 import keras
 import numpy as np
 import pytest
@@ -268,28 +269,12 @@ def _adamw_grads(step):
     return [rng.normal(size=s).astype("float32") for s in ((3, 4), (4,), (4,), (4,))]
 
 
-def _two_replicas():
-    """MirroredStrategy on the 2 logical CPUs of conftest.py.
-
-    ``ReductionToOneDevice`` instead of the default collective all-reduce: the
-    collective ops of different MirroredStrategy objects in one process share
-    instance keys and abort on a shape or dtype mismatch (tests/test_train_loop.py
-    and others create their own strategies). The optimizer path is the same:
-    a replica-context SUM all-reduce, then ``extended.update`` per replica.
-    """
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-    assert len(devices) == 2, "conftest should create 2 logical CPUs"
-    return tf.distribute.MirroredStrategy(
-        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
-    )
-
-
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_adamw_decays_kernels_only(replicas):
     lr, wd = 0.1, 0.5  # a large decay, so decay vs none is far above tolerance
     strategy = tf.distribute.get_strategy()
     if replicas == 2:
-        strategy = _two_replicas()
+        strategy = helpers.two_replica_strategy()
     with strategy.scope():
         variables = _dense_bn()
         opt = optim.adamw(lr, weight_decay=wd)
