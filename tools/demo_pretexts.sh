@@ -10,7 +10,7 @@
 #
 # Measured (seed 0), one run each; pretext metric = last logged loop:
 #   task        train time  pretext metric (chance)        pre_logits probe top-1
-#   rotation     6.5 min    98.9% 4-way (25%)              87.6%   (AMD EPYC)
+#   rotation     7.7 min    98.9% 4-way (25%)              87.5-87.6% (AMD EPYC)
 #   exemplar    11.0 min    79.0% nearest-neighbour (2.7%) 87.1%   (Intel, loaded)
 #   jigsaw      14.6 min    84-89% 100-way (1%)            88.1%   (Intel, loaded)
 #   rel. patch  10.8 min    76.1% 8-way (12.5%)            88.5%   (Intel, loaded)
