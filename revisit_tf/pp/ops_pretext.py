@@ -12,8 +12,9 @@ Ops:
 * ``rotate4`` - RotNet (reference 3.4, 4.1): the 4 rotations by
   ``r * 90`` degrees counter-clockwise, labels ``[0, 1, 2, 3]``.
 * ``exemplar_copies`` - Exemplar (reference 3.5, 4.2): ``K`` independently
-  Inception-preprocessed copies; label = one surrogate-class id per source
-  image, repeated ``K`` times.
+  Inception-preprocessed copies plus one random surrogate-class id per source
+  image, repeated ``K`` times (the shipped configs use ``copies`` alone: the
+  triplet loss takes the surrogate class from the batch structure).
 * ``inpaint_mask`` - context-encoder inpainting (Pathak et al. 2016): blanks a
   central (or random) rectangle; writes the masked image, the ``target``
   (unmasked image) and the ``mask`` ``[H, W, 1]``. Not a stacking op.
@@ -123,11 +124,13 @@ def get_exemplar_copies(
     in the same order).
 
     Labels: the reference's surrogate class is the index of the source image
-    in the batch (reference 4.2), which a per-example op cannot know. This op
-    writes a random int64 id per source image, repeated ``num_copies`` times
-    (``surrogate_label``); the triplet loss only compares labels for
-    equality, so positives are exactly the copies of one image, as in the
-    reference.
+    in the batch (reference 4.2). The shipped triplet loss
+    (``train.triplet``) derives exactly that from the batch structure (row
+    ``b * K + k`` is a copy of image ``b``) and reads no label, so
+    ``copies(K, "inception_preprocess(s)")`` alone is the shipped pipeline.
+    This op still writes a random int64 id per source image, repeated
+    ``num_copies`` times (``surrogate_label``), for losses that compare
+    labels for equality.
 
     Args:
         num_copies: copies per image, int >= 2 (reference: 8).

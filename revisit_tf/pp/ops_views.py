@@ -13,8 +13,9 @@ The ops here turn one example into ``K`` *views* of it:
   written as gin strings, e.g.
   ``'decode|copies(2, "inception_crop(224, area_min=0.08)|flip_lr")|...'``.
 * ``surrogate_label`` writes one random surrogate-class id per source image,
-  repeated over the ``K`` views (the Exemplar / instance-discrimination
-  label: views of one image are positives of each other).
+  repeated over the ``K`` views (an instance-discrimination label for losses
+  that read labels; the shipped ones take positives from the batch
+  structure).
 
 Place in the data flow: ``data`` -> ``pp`` (``decode``, then ``copies`` with
 the per-view augmentations, then ``surrogate_label`` / ``value_range`` /
@@ -141,9 +142,12 @@ def get_surrogate_label(*, key: str = "image", key_label: str = "label") -> OpFn
     The Exemplar surrogate class (reference 3.5, 4.2) is the index of the
     source image in the batch, which a per-example op cannot know; instead
     one id is drawn uniformly from ``[0, 2**62)`` per example and repeated
-    over the ``K`` views. Losses that only compare labels for equality
-    (triplet, contrastive) then see exactly the views of one image as
-    positives; two images collide with probability ``< B**2 / 2**63``.
+    over the ``K`` views. A loss that compares labels for equality then
+    sees exactly the views of one image as positives; two images collide
+    with probability ``< B**2 / 2**63``. The shipped triplet and NT-Xent
+    losses (``train.triplet``, ``train.contrastive``) need no label: they take
+    the positives from the batch structure (row ``b * K + k`` is a view of
+    image ``b``).
 
     Args:
         key: key of the stack of views ``[K, ...]`` (rank >= 4, e.g.
