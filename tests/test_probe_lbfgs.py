@@ -297,6 +297,25 @@ def test_predict_rejects_wrong_feature_dimension():
         lbfgs.predict_logits(params, np.zeros((2, 4)))
 
 
+def test_predict_is_the_numpy_argmax_and_agrees_with_accuracy():
+    rng = np.random.default_rng(7)
+    x, y = _gaussian_classes(rng, 500, 6, 4, spread=0.8)
+    params = lbfgs.ProbeParams(rng.normal(size=(6, 4)), rng.normal(size=4))
+    pred = lbfgs.predict(params, x)
+    assert pred.dtype == np.int32 and pred.shape == (500,)
+    np.testing.assert_array_equal(pred, np.argmax(x @ params.weights + params.bias, 1))
+    assert np.mean(pred == y) == lbfgs.accuracy(params, x, y)
+
+    standardizer = lbfgs.Standardizer.fit(x)
+    fit = lbfgs.fit_logistic_regression(standardizer.apply(x), y, l2=1e-2)
+    sweep = lbfgs.SweepResult(best=fit, table=[], standardizer=standardizer)
+    z = (x - x.mean(0)) / x.std(0)  # the standardizer, in NumPy
+    np.testing.assert_array_equal(
+        sweep.predict(x), np.argmax(z @ fit.weights + fit.bias, axis=1)
+    )
+    assert np.mean(sweep.predict(x) == y) == sweep.accuracy(x, y)
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(tf.float64, 1e-8), (tf.float32, 1e-4)])
 def test_logit_line_search_solver_matches_tfp_lbfgs_with_fewer_passes(dtype, tolerance):
     rng = np.random.default_rng(11)

@@ -139,6 +139,43 @@ def test_sgd_linear_probe_matches_logistic_regression_and_logs_schedule():
     assert result.curve[-1]["loss"] < result.curve[0]["loss"]
 
 
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_sgd_predictions_and_per_epoch_top1(head):
+    x, y = _gaussian(0, 600)
+    vx, vy = _gaussian(1, 150)
+    tx, ty = _gaussian(2, 211)
+    result = sgd.train_sgd_probe(
+        x,
+        y,
+        eval_sets={"val": (vx, vy), "test": (tx, ty)},
+        num_classes=3,
+        head=head,
+        hidden=16,
+        batch_size=50,
+        epochs=3,
+        decay_epochs=(2,),
+        seed=0,
+    )
+    # The final head, in NumPy (no dropout at evaluation).
+    p = {k: v.astype(np.float64) for k, v in result.params.items()}
+    h = tx.astype(np.float64)
+    if head == "mlp":
+        h = np.maximum(h @ p["hidden_kernel"] + p["hidden_bias"], 0.0)
+    expected = np.argmax(h @ p["kernel"] + p["bias"], axis=1)
+    pred = result.predictions["test"]
+    assert pred.dtype == np.int32 and pred.shape == (211,)
+    assert np.mean(pred != expected) <= 1 / 211  # float32 vs float64 near-ties
+    assert result.top1["test"] == np.mean(pred == ty)
+    assert result.top1["val"] == np.mean(result.predictions["val"] == vy)
+    assert [sorted(c) for c in result.curve] == [
+        ["epoch", "loss", "lr", "test_top1", "val_top1"]
+    ] * 3
+    assert result.curve[-1]["test_top1"] == result.top1["test"]
+    assert result.curve[-1]["val_top1"] == result.top1["val"]
+    assert all(0.0 <= c["test_top1"] <= 1.0 for c in result.curve)
+    assert result.curve[-1]["test_top1"] > 0.6  # chance is 1/3
+
+
 def test_mlp_probe_fits_what_a_linear_probe_cannot():
     rng = np.random.default_rng(2)
     x = rng.uniform(-1, 1, size=(4000, 2)).astype(np.float32)
@@ -185,10 +222,119 @@ def test_knn_matches_scikit_learn_cosine_knn(k):
     assert ours == pytest.approx(theirs, abs=1e-12)
 
 
+@pytest.mark.parametrize("k", [1, 7])
+def test_knn_predict_matches_scikit_learn_votes(k):
+    x, y = _gaussian(5, 600, d=16, c=5, spread=0.5)
+    qx, qy = _gaussian(6, 333, d=16, c=5, spread=0.5)
+    ours = knn.knn_predict(x, y, qx, k=k, block_size=100)
+    with threadpool_limits(limits=1):
+        ref = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute")
+        theirs = ref.fit(x, y).predict(qx)
+    assert ours.dtype == np.int32 and ours.shape == (333,)
+    np.testing.assert_array_equal(ours, theirs)
+    assert np.mean(ours == qy) == knn.knn_top1(x, y, qx, qy, k=k, block_size=100)
+
+
 def test_knn_rejects_bad_k():
     x, y = _gaussian(3, 10)
     with pytest.raises(ValueError, match=r"k must be an int in \[1, 10\]"):
         knn.knn_top1(x, y, x, y, k=11)
+
+
+# --- run_protocol: every protocol's rows carry the test predictions ---
+
+
+def _split_entries(tmp_path, d=8, c=3):
+    from revisit_tf.probe import cache as cache_lib
+    from revisit_tf.probe import protocols as protocols_lib
+
+    cache = cache_lib.FeatureCache(tmp_path / "cache", shard_bytes=4096)
+    entries = {}
+    for seed, (split, n) in enumerate([("train", 450), ("val", 150), ("test", 301)]):
+        x, y = _gaussian(10 + seed, n, d=d, c=c, spread=0.7)
+        entries[split] = cache.get_or_build(
+            {"e": {"endpoint": "e", "split": split}},
+            lambda x=x, y=y: [
+                ({"e": x[i : i + 64]}, y[i : i + 64]) for i in range(0, len(y), 64)
+            ],
+        )["e"]
+    assert entries["test"].num_shards > 2  # 128 rows per 4 KiB shard
+    return protocols_lib.SplitEntries(**entries)
+
+
+_SETTINGS = dict(
+    l2_grid=(1e-1, 1e-3),
+    sgd_epochs=2,
+    sgd_batch_size=50,
+    mlp_hidden=16,
+    knn_k=5,
+)
+
+
+@pytest.mark.parametrize(
+    "name, streamed",
+    [("lbfgs", False), ("lbfgs", True), ("sgd", False), ("mlp", False), ("knn", False)],
+)
+def test_run_protocol_keeps_test_predictions(tmp_path, name, streamed):
+    from revisit_tf.probe import predictions
+    from revisit_tf.probe import protocols as protocols_lib
+
+    entries = _split_entries(tmp_path)
+    settings = protocols_lib.Settings(
+        **_SETTINGS, max_resident_bytes=1 if streamed else 8 << 30
+    )
+    out = protocols_lib.run_protocol(name, entries, subset=1.0, settings=settings)
+    test_x, test_y = entries.arrays("test")
+    pred, correct = predictions.decode_predictions(
+        out["test_predictions"], labels=test_y
+    )
+    assert pred.shape == (301,) and out["test_predictions"]["n"] == 301
+    assert out["test_top1"] == correct.mean()  # exactly, not approximately
+    np.testing.assert_array_equal(correct, pred == test_y)
+    train_x, train_y = entries.arrays("train")
+    val_x, val_y = entries.arrays("val")
+    if name == "knn":  # the vote itself, against scikit-learn
+        with threadpool_limits(limits=1):
+            ref = KNeighborsClassifier(
+                n_neighbors=5, metric="cosine", algorithm="brute"
+            )
+            np.testing.assert_array_equal(
+                pred, ref.fit(train_x, train_y).predict(test_x)
+            )
+    elif name == "lbfgs":  # the refit on train + val, against scikit-learn
+        assert out["streamed"] is streamed
+        both_x = np.concatenate([train_x, val_x]).astype(np.float64)
+        both_y = np.concatenate([train_y, val_y])
+        mean, std = both_x.mean(0), both_x.std(0)
+        with threadpool_limits(limits=1):
+            ref = LogisticRegression(C=1 / (out["l2"] * len(both_y)), max_iter=5000)
+            ref.fit((both_x - mean) / std, both_y)
+        theirs = ref.predict((test_x - mean) / std)
+        assert np.mean(pred != theirs) <= 2 / 301  # solver tolerance 1e-4
+    else:
+        curve = out["lr_curve"]
+        assert len(curve) == 2 and curve[-1]["test_top1"] == out["test_top1"]
+        assert curve[-1]["val_top1"] == out["val_top1"]
+    assert out["test_top1"] > 0.5  # chance is 1/3
+
+
+def test_protocol_fingerprint_ignores_the_predictions():
+    from revisit_tf.probe import protocols as protocols_lib
+
+    settings = protocols_lib.Settings()
+    record = protocols_lib.protocol_record(
+        "lbfgs",
+        settings,
+        dataset="d",
+        splits={"train": "train", "val": "val", "test": "test"},
+        pp="",
+        pooling="max",
+        subset=1.0,
+        version="0",
+    )
+    assert "predictions" not in repr(record)
+    # Pinned: the settings (not the outputs) define the fingerprint.
+    assert fingerprint.protocol_fingerprint(record) == "9d791d2b8266"
 
 
 # --- the linear_probe root: protocols x subsets, cache reuse, streaming ---
@@ -224,6 +370,22 @@ def test_linear_probe_runs_protocols_and_subsets_from_one_cache(tmp_path, caplog
         assert low < r["test_top1"] <= 1.0, r
     assert rows[1]["refit_iterations"] > 0 and not rows[1]["streamed"]
     assert len(rows[4]["lr_curve"]) == 2
+    from revisit_tf.probe import predictions
+    from revisit_tf.report import results as results_lib
+
+    written = results_lib.read_results([workdir])
+    for r, w in zip(rows, written, strict=True):  # in every row, in the file too
+        assert w["test_predictions"] == r["test_predictions"]
+        _, correct = predictions.decode_predictions(r["test_predictions"])
+        assert r["test_top1"] == correct.mean() and r["n_test"] == len(correct)
+    assert len({r["test_predictions"]["labels_sha256"] for r in rows}) == 1
+    assert set(rows[4]["lr_curve"][-1]) == {
+        "epoch",
+        "lr",
+        "loss",
+        "val_top1",
+        "test_top1",
+    }
 
     # A second run reuses the cached features and reproduces the fingerprints;
     # a forced streamed (sharded) run of the same protocol agrees.
@@ -238,6 +400,9 @@ def test_linear_probe_runs_protocols_and_subsets_from_one_cache(tmp_path, caplog
     assert streamed["streamed"] and streamed["fingerprint"] == rows[1]["fingerprint"]
     assert streamed["l2"] == rows[1]["l2"]
     assert abs(streamed["test_top1"] - rows[1]["test_top1"]) <= 2 / 300
+    resident_pred, _ = predictions.decode_predictions(rows[1]["test_predictions"])
+    streamed_pred, _ = predictions.decode_predictions(streamed["test_predictions"])
+    assert np.sum(resident_pred != streamed_pred) <= 2
 
     table = experiments.report([workdir])
     assert "per fraction of labels" in table and "| sgd |" in table

@@ -134,3 +134,41 @@ def test_streamed_sweep_matches_whole_batch_sweep(tmp_path):
     assert sharded.result_accuracy(streamed, val) == pytest.approx(
         whole.accuracy(x[600:], y[600:]), abs=1 / 300 + 1e-9
     )
+
+
+def test_streamed_predict_matches_numpy_and_top1(tmp_path):
+    x, y = _data(6)
+    x = x.astype(np.float32)
+    source = _cached_source(tmp_path, x, y)  # several shards, read ahead
+    standardizer = lbfgs.Standardizer.fit(x)
+    rng = np.random.default_rng(8)
+    params = lbfgs.ProbeParams(
+        rng.normal(size=(12, 4)).astype(np.float32),
+        rng.normal(size=4).astype(np.float32),
+    )
+    pred = sharded.predict(params, source, standardizer)
+    z = (x.astype(np.float64) - standardizer.mean) / standardizer.scale
+    expected = np.argmax(z @ params.weights + params.bias, axis=1)
+    assert pred.dtype == np.int32 and pred.shape == (700,)
+    assert np.mean(pred != expected) <= 1 / 700  # float32 vs float64 near-ties
+    top1 = sharded.top1(params, source, standardizer)
+    assert np.mean(pred == source.labels) == top1
+    result = lbfgs.SweepResult(
+        best=lbfgs.ProbeFit(
+            weights=params.weights,
+            bias=params.bias,
+            l2=0.0,
+            loss=0.0,
+            gradient_max=0.0,
+            iterations=0,
+            function_evaluations=0,
+            converged=True,
+            failed=False,
+            seconds=0.0,
+            solver="tfp_sharded",
+        ),
+        table=[],
+        standardizer=standardizer,
+    )
+    np.testing.assert_array_equal(sharded.result_predict(result, source), pred)
+    assert sharded.result_accuracy(result, source) == top1

@@ -268,3 +268,31 @@ def test_report_tables_auto_adds_pivots_only_when_useful():
     assert "Test top-1 (%) per endpoint:" in tables.report_tables(rows)
     with pytest.raises(ValueError, match="kind must be one of"):
         tables.report_tables(rows, kind="pivot")
+
+
+def test_tables_do_not_print_test_predictions_or_curves(tmp_path):
+    from revisit_tf.probe import predictions
+
+    labels = np.arange(500) % 10
+    encoded = predictions.encode_predictions((labels + 1) % 10, labels)
+    curve = [{"epoch": 1, "lr": 0.1, "loss": 2.0, "val_top1": 0.4, "test_top1": 0.5}]
+    extra = dict(test_predictions=encoded, lr_curve=curve, protocol="sgd")
+    rows = [
+        _fp_row("pre_logits", 0.5, subset=1.0, **extra),
+        _fp_row("block4", 0.4, subset=0.1, **extra),
+    ]
+    path = tmp_path / "results.jsonl"
+    for row in rows:  # through the file, as revisit-report reads them
+        results.append_result(path, row)
+    read = results.read_results([path])
+    assert read[0]["test_predictions"] == encoded
+    for kind in tables.REPORT_KINDS:
+        text = tables.report_tables(read, kind=kind)
+        assert encoded["predictions"] not in text and "labels_sha256" not in text
+        assert "lr_curve" not in text and "'epoch'" not in text
+    assert tables.probe_table(read) == tables.probe_table(
+        [
+            {k: v for k, v in r.items() if k not in extra or k == "protocol"}
+            for r in read
+        ]
+    )

@@ -4,8 +4,12 @@ Contract: a SavedModel from stage 5 (or raw pixels) and labelled splits ->
 ``[N, D]`` features per endpoint and split, extracted once into a sharded,
 checked feature cache (``features``, ``cache``) -> one probe per (endpoint,
 protocol, label subset) (``protocols``) -> JSON-lines rows ``{model,
-endpoint, protocol, subset, fingerprint, train/val/test top-1, ...}`` in
-``<workdir>/probe/results.jsonl``.
+endpoint, protocol, subset, fingerprint, train/val/test top-1,
+test_predictions, ...}`` in ``<workdir>/probe/results.jsonl``.
+``test_predictions`` (``predictions``) encodes the final model's predicted
+class per test example plus a digest of the test labels, for paired
+bootstraps over the same test images; SGD/MLP rows' ``lr_curve`` gives per
+epoch ``epoch``, ``lr``, ``loss``, ``val_top1`` and ``test_top1``.
 
 Modules, in data-flow order:
   * ``features``: SavedModel / pixel features, max-pooled to 9000 (ref. 8.2);
@@ -20,5 +24,6 @@ Modules, in data-flow order:
   * ``sgd``: the release's SGD protocol, linear or MLP head (ref. 8.4, 8.5;
     Figs. 3, 8); ``knn``: cosine k-NN accuracy;
   * ``protocols``: runs one protocol on one endpoint's cached splits;
+  * ``predictions``: compact JSON encoding of per-example test predictions;
   * ``fingerprint``: the hash of everything that defines a protocol.
 """

@@ -7,9 +7,10 @@ its ``k`` most similar training rows; a tie between labels goes to the
 smallest label, as scikit-learn's ``KNeighborsClassifier(weights="uniform")``
 does.
 
-Contract: ``knn_top1(train_x [N, D], train_y [N], query_x [M, D], query_y [M],
-k)`` -> top-1 in [0, 1]; queries are processed in blocks of ``block_size``
-so memory stays ``O(block_size * N)``.
+Contract: ``knn_predict(train_x [N, D], train_y [N], query_x [M, D], k)`` ->
+int32 ``[M]`` votes; ``knn_top1(train_x, train_y, query_x, query_y [M], k)``
+-> top-1 in [0, 1] (the fraction of votes equal to ``query_y``); queries are
+processed in blocks of ``block_size`` so memory stays ``O(block_size * N)``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,57 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _vote_blocks(train_x, train_y, query_x, k, num_classes, block_size):
+    """The vote of every (validated) query, int32 ``[M]``, ``block_size`` at a time."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(train_y):
+        raise ValueError(f"k must be an int in [1, {len(train_y)}]; got {k!r}.")
+    train = arrays.as_tensor(_unit_rows(train_x), tf.float32)
+    labels = tf.constant(train_y)
+    queries = _unit_rows(query_x)
+    vote = _compiled_vote()
+    parts = [
+        vote(train, labels, tf.constant(queries[i : i + block_size]), k, num_classes)
+        .numpy()
+        .astype(np.int32)
+        for i in range(0, len(queries), block_size)
+    ]
+    return np.concatenate(parts) if parts else np.zeros([0], np.int32)
+
+
+def knn_predict(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    query_x: np.ndarray,
+    *,
+    k: int = 20,
+    num_classes: int | None = None,
+    block_size: int = 1024,
+) -> np.ndarray:
+    """The cosine ``k``-NN majority vote of every query.
+
+    Args:
+        train_x: ``[N, D]`` reference features.
+        train_y: ``[N]`` labels.
+        query_x: ``[M, D]`` features to classify.
+        k: neighbours, ``1 <= k <= N``.
+        num_classes: C (default ``1 + max`` training label).
+        block_size: queries per block.
+
+    Returns:
+        int32 ``[M]``: the label with most votes among each query's ``k``
+        most similar training rows (ties: the smallest label).
+
+    Raises:
+        ValueError: malformed arrays, different D, or a bad ``k``.
+    """
+    train_x = lbfgs._check_features(train_x, "train_x")
+    query_x = lbfgs._check_features(query_x, "query_x", num_features=train_x.shape[1])
+    num_classes = lbfgs._check_num_classes(num_classes)
+    train_y = lbfgs._check_labels(train_y, "train_y", len(train_x), num_classes)
+    num_classes = num_classes or lbfgs._infer_num_classes(train_y)
+    return _vote_blocks(train_x, train_y, query_x, k, num_classes, block_size)
+
+
 def knn_top1(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -62,7 +114,7 @@ def knn_top1(
     num_classes: int | None = None,
     block_size: int = 1024,
 ) -> float:
-    """Top-1 accuracy of a cosine ``k``-NN majority vote.
+    """Top-1 accuracy of a cosine ``k``-NN majority vote (``knn_predict``).
 
     Args:
         train_x: ``[N, D]`` reference features.
@@ -85,16 +137,5 @@ def knn_top1(
     train_y = lbfgs._check_labels(train_y, "train_y", len(train_x), num_classes)
     query_y = lbfgs._check_labels(query_y, "query_y", len(query_x), num_classes)
     num_classes = num_classes or lbfgs._infer_num_classes(train_y, query_y)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(train_y):
-        raise ValueError(f"k must be an int in [1, {len(train_y)}]; got {k!r}.")
-    train = arrays.as_tensor(_unit_rows(train_x), tf.float32)
-    labels = tf.constant(train_y)
-    queries = _unit_rows(query_x)
-    vote = _compiled_vote()
-    correct = 0
-    for i in range(0, len(queries), block_size):
-        pred = vote(
-            train, labels, tf.constant(queries[i : i + block_size]), k, num_classes
-        )
-        correct += int(np.sum(pred.numpy() == query_y[i : i + block_size]))
-    return correct / len(query_y)
+    pred = _vote_blocks(train_x, train_y, query_x, k, num_classes, block_size)
+    return int(np.sum(pred == query_y)) / len(query_y)

@@ -336,6 +336,12 @@ class SweepResult:
             features = self.standardizer.apply(features)
         return predict_logits(self.best, features)
 
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Predicted class (int32 ``[N]``) of the best fit on raw ``features``."""
+        if self.standardizer is not None:
+            features = self.standardizer.apply(features)
+        return predict(self.best, features)
+
     def accuracy(self, features: np.ndarray, labels: np.ndarray) -> float:
         """Top-1 accuracy of the best fit on raw ``features`` ``[N, D]``."""
         if self.standardizer is not None:
@@ -1133,6 +1139,17 @@ def predict_logits(params: ProbeParams, features: np.ndarray) -> np.ndarray:
         params.bias, weights.dtype
     )
     return logits.numpy()
+
+
+def predict(params: ProbeParams, features: np.ndarray) -> np.ndarray:
+    """Predicted class per row, int32 ``[N]``: ``argmax_c`` of ``predict_logits``.
+
+    Ties go to the smallest class (``np.argmax``), as in ``accuracy``.
+
+    Raises:
+        ValueError: as ``predict_logits``.
+    """
+    return np.argmax(predict_logits(params, features), axis=1).astype(np.int32)
 
 
 def accuracy(params: ProbeParams, features: np.ndarray, labels: np.ndarray) -> float:

@@ -17,10 +17,18 @@ Protocols (``PROTOCOLS``):
   * ``sgd`` / ``mlp``: the release's SGD protocol with a linear or MLP head
     (``sgd.train_sgd_probe``; reference 8.4, 8.5), trained on train, scored
     on val and test.
-  * ``knn``: cosine k-NN with train as the reference set (``knn.knn_top1``).
+  * ``knn``: cosine k-NN with train as the reference set (``knn.knn_top1``,
+    ``knn.knn_predict``).
 
 Every row names its protocol settings in ``protocol`` and carries
-``fingerprint = fingerprint.protocol_fingerprint(protocol)``.
+``fingerprint = fingerprint.protocol_fingerprint(protocol)``. Every row also
+carries ``test_predictions`` (``predictions.encode_predictions``): the
+predicted class of every test example under the model scored on test (for
+L-BFGS the train + val refit when ``refit_on_trainval``, produced shard by
+shard on the streamed path; for k-NN the vote), so that reports can bootstrap
+paired differences over the same test images; ``test_top1`` is exactly the
+mean of its decoded ``correct``. Predictions are outputs, not settings: they
+do not enter the fingerprint.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from revisit_tf.probe import cache as cache_lib
-from revisit_tf.probe import knn, lbfgs, sgd, sharded, subsets
+from revisit_tf.probe import knn, lbfgs, predictions, sgd, sharded, subsets
 
 PROTOCOLS = ("lbfgs", "sgd", "mlp", "knn")
 PRECISIONS = {"float32": tf.float32, "float64": tf.float64}
@@ -163,7 +171,7 @@ def _run_lbfgs(entries: SplitEntries, rows, s: Settings) -> dict[str, Any]:
         if s.refit_on_trainval:
             final = _refit_whole(sweep, train_x, train_y, val_x, val_y, num_classes, s)
         test_x, test_y = entries.arrays("test")
-        test_top1 = final.accuracy(test_x, test_y)
+        test_pred = final.predict(test_x)
     else:
         train = _source(entries.train, rows)
         val = sharded.ShardSource.from_cache(entries.val)
@@ -195,7 +203,9 @@ def _run_lbfgs(entries: SplitEntries, rows, s: Settings) -> dict[str, Any]:
             final = sharded.sweep_l2_sharded(
                 both, val, l2_grid=[sweep.best_l2], **kwargs
             )
-        test_top1 = sharded.result_accuracy(final, test_source)
+        # Shard by shard: the test matrix is never held whole.
+        test_pred = sharded.result_predict(final, test_source)
+        test_y = test_source.labels
     best, point = sweep.best, sweep.best_point
     return {
         "l2": best.l2,
@@ -203,13 +213,25 @@ def _run_lbfgs(entries: SplitEntries, rows, s: Settings) -> dict[str, Any]:
         "converged": bool(best.converged and final.best.converged),
         "train_top1": point.train_top1,
         "val_top1": point.val_top1,
-        "test_top1": test_top1,
+        **_scored(test_pred, test_y),
         "refit_iterations": final.best.iterations if s.refit_on_trainval else None,
         "streamed": sharded_path,
         "l2_path": [
             {"l2": p.l2, "val_top1": p.val_top1, "iterations": p.iterations}
             for p in sweep.table
         ],
+    }
+
+
+def _scored(pred: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """``test_top1`` and ``test_predictions`` of predicted classes ``pred [N]``.
+
+    ``test_top1`` is ``mean(pred == labels)``, so it equals the decoded
+    ``correct.mean()`` exactly (and the accuracy functions' value).
+    """
+    return {
+        "test_top1": int(np.sum(pred == labels)) / len(labels),
+        "test_predictions": predictions.encode_predictions(pred, labels),
     }
 
 
@@ -291,9 +313,15 @@ def run_protocol(
         settings: the protocol settings.
 
     Returns:
-        The result fields of a row (``train_top1``/``val_top1``/``test_top1``
-        in [0, 1], ``n_train`` after subsetting, ``seconds``, and the
-        protocol's own fields).
+        The result fields of a row: ``train_top1``/``val_top1``/``test_top1``
+        in [0, 1], ``test_predictions`` (``predictions.encode_predictions``
+        of the final model's predicted class per test example and the test
+        labels; ``test_top1 == decode_predictions(...)[1].mean()``),
+        ``n_train`` after subsetting, ``seconds``, and the protocol's own
+        fields (``lbfgs``: ``l2``, ``iterations``, ``converged``,
+        ``refit_iterations``, ``streamed``, ``l2_path``; ``knn``: ``k``;
+        ``sgd``/``mlp``: ``steps`` and ``lr_curve``, one dict per epoch with
+        ``epoch``, ``lr``, ``loss``, ``val_top1``, ``test_top1``).
 
     Raises:
         ValueError: unknown protocol, bad subset, or (non-L-BFGS protocols)
@@ -313,15 +341,16 @@ def run_protocol(
         num_classes = 1 + int(max(train_y.max(), val_y.max(), test_y.max()))
         if name == "knn":
             k = min(settings.knn_k, len(train_y))
+            test_pred = knn.knn_predict(
+                train_x, train_y, test_x, k=k, num_classes=num_classes
+            )
             out = {
                 "k": k,
                 "train_top1": None,
                 "val_top1": knn.knn_top1(
                     train_x, train_y, val_x, val_y, k=k, num_classes=num_classes
                 ),
-                "test_top1": knn.knn_top1(
-                    train_x, train_y, test_x, test_y, k=k, num_classes=num_classes
-                ),
+                **_scored(test_pred, test_y),
             }
         else:
             result = sgd.train_sgd_probe(
@@ -340,7 +369,7 @@ def run_protocol(
             out = {
                 "train_top1": result.train_top1,
                 "val_top1": result.top1["val"],
-                "test_top1": result.top1["test"],
+                **_scored(result.predictions["test"], test_y),
                 "steps": result.steps,
                 "lr_curve": result.curve,
             }

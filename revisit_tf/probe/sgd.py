@@ -7,8 +7,9 @@ mean softmax cross-entropy, batch 512, lr 0.1 at batch 256 scaled linearly,
 x0.1 after epochs 30 and 50, 70 epochs, no weight decay (reference 10.6/10.7).
 The paper's Fig. 8 shows that this protocol's result depends on the schedule
 (longer schedules, first decay after 30/120/480 epochs, keep improving); the
-epochs and decay epochs are arguments and the learning-rate curve is logged
-and returned, so that behaviour can be reproduced.
+epochs and decay epochs are arguments and the per-epoch curve (learning
+rate, loss, top-1 of every eval set) is logged and returned, so that
+behaviour can be reproduced.
 
 Heads (pure TF variables, no Keras model, as the style guide asks for the
 probe): ``"linear"`` (Glorot-uniform kernel, zero bias, reference 8.4) and
@@ -21,7 +22,8 @@ crops recomputed every step; that is what makes the protocol cheap enough to
 repeat, and it is the same input the L-BFGS probe sees.
 
 Contract: ``train_sgd_probe(train_x [N, D], train_y [N], eval_sets={name:
-(x, y)}, ...)`` -> ``SGDResult`` (top-1 per eval set, per-epoch curve).
+(x [M, D], y [M])}, ...)`` -> ``SGDResult`` (top-1 and int32 ``[M]``
+predictions per eval set, per-epoch curve with every eval set's top-1).
 """
 
 from __future__ import annotations
@@ -50,10 +52,16 @@ class SGDResult:
         top1: ``{eval set name: top-1 in [0, 1]}`` after the last epoch.
         train_top1: top-1 on the training features after the last epoch.
         curve: one dict per epoch: ``epoch``, ``lr`` (at the epoch's last
-            step), ``loss`` (mean training loss over the epoch).
+            step), ``loss`` (mean training loss over the epoch) and
+            ``<name>_top1`` for every eval set, scored at the end of that
+            epoch (paper Fig. 8); the last entry's ``<name>_top1`` is
+            ``top1[name]``.
         steps: optimizer steps taken.
         seconds: wall time.
         params: the head's final variables as NumPy arrays.
+        predictions: ``{eval set name: int32 [M]}``, the final head's
+            predicted class (``argmax`` logit) per example of each eval set;
+            ``top1[name] == mean(predictions[name] == labels)``.
     """
 
     top1: dict[str, float]
@@ -62,6 +70,7 @@ class SGDResult:
     steps: int
     seconds: float
     params: dict[str, np.ndarray]
+    predictions: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _glorot(rng: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarray:
@@ -141,7 +150,8 @@ def train_sgd_probe(
     Args:
         train_x: ``[N, D]`` training features (float; used as float32).
         train_y: ``[N]`` labels in ``[0, num_classes)``.
-        eval_sets: ``{name: (features [M, D], labels [M])}`` scored at the end.
+        eval_sets: ``{name: (features [M, D], labels [M])}`` scored at the
+            end of every epoch (``curve``) and after the last one.
         num_classes: C.
         head: ``"linear"`` or ``"mlp"``.
         batch_size: examples per step (reference 10.6: 512); an epoch is
@@ -235,15 +245,15 @@ def train_sgd_probe(
     def predict(xs):
         return tf.argmax(model.logits(xs), axis=1, output_type=tf.int32)
 
-    def top1(xs, ys):
-        correct = 0
-        for i in range(0, len(ys), 8192):
-            correct += int(
-                np.sum(
-                    predict(tf.constant(xs[i : i + 8192])).numpy() == ys[i : i + 8192]
-                )
-            )
-        return correct / len(ys)
+    def classes(xs):  # int32 [M]
+        parts = [
+            predict(tf.constant(xs[i : i + 8192])).numpy()
+            for i in range(0, len(xs), 8192)
+        ]
+        return np.concatenate(parts) if parts else np.zeros([0], np.int32)
+
+    def top1(pred, ys):
+        return int(np.sum(pred == ys)) / len(ys)
 
     curve, step, epoch, start = [], 0, 0, time.perf_counter()
     while step < total_steps:
@@ -252,7 +262,16 @@ def train_sgd_probe(
         step += num
         epoch += 1
         rate = float(schedule(step - 1))
-        curve.append({"epoch": epoch, "lr": rate, "loss": loss})
+        predictions = {name: classes(ex) for name, (ex, _) in evals.items()}
+        scores = {name: top1(predictions[name], ey) for name, (_, ey) in evals.items()}
+        curve.append(
+            {
+                "epoch": epoch,
+                "lr": rate,
+                "loss": loss,
+                **{f"{name}_top1": v for name, v in scores.items()},
+            }
+        )
         elapsed = time.perf_counter() - start
         _logger.info(
             "SGD %s probe: epoch %d/%d, lr %.4g, loss %.4f, %.0f steps/s, ETA %.0fs.",
@@ -264,16 +283,24 @@ def train_sgd_probe(
             step / elapsed,
             elapsed / step * (total_steps - step),
         )
+        if scores:
+            _logger.info(
+                "SGD %s probe: epoch %d top-1 %s.",
+                head,
+                epoch,
+                ", ".join(f"{k} {100 * v:.2f}%" for k, v in scores.items()),
+            )
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"SGD {head} probe diverged at epoch {epoch} (loss {loss}); lower "
                 f"lr (now {lr} at batch {reference_batch_size}) or standardize."
             )
     return SGDResult(
-        top1={name: top1(ex, ey) for name, (ex, ey) in evals.items()},
-        train_top1=top1(x, y),
+        top1=scores,
+        train_top1=top1(classes(x), y),
         curve=curve,
         steps=step,
         seconds=time.perf_counter() - start,
         params={k: v.numpy() for k, v in model.vars.items()},
+        predictions=predictions,
     )

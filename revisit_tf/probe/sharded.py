@@ -26,7 +26,9 @@ Contract:
     to ``lbfgs.objective_and_gradient`` up to summation order;
   * ``fit_sharded`` / ``sweep_l2_sharded``: ``tfp.optimizer.lbfgs_minimize``
     run eagerly on that objective; results are ``lbfgs.ProbeFit`` /
-    ``lbfgs.SweepResult`` like the whole-batch path.
+    ``lbfgs.SweepResult`` like the whole-batch path;
+  * ``top1`` / ``result_accuracy`` (fraction correct) and ``predict`` /
+    ``result_predict`` (int32 ``[N]`` classes) score a source shard by shard.
 
 Precision defaults (``dtype=tf.float32``, ``accumulate_dtype=tf.float64``):
 the per-shard products run in float32 (half the bytes of float64 and about
@@ -352,6 +354,24 @@ class ShardedObjective:
         return value, tf.reshape(grad, [-1])
 
 
+def _shard_predictions(
+    params: lbfgs.ProbeParams,
+    source: ShardSource,
+    standardizer: lbfgs.Standardizer | None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields ``(argmax logits int32 [n_i], labels int32 [n_i])`` per shard."""
+    np_dtype = np.asarray(params.weights).dtype
+    weights = tf.constant(params.weights)
+    bias = tf.constant(np.asarray(params.bias, np_dtype))
+    for x, y in source.iter_shards():
+        if len(y) == 0:
+            continue
+        if standardizer is not None:
+            x = standardizer.apply(x)
+        z = tf.matmul(tf.constant(np.asarray(x, np_dtype)), weights) + bias  # [n, C]
+        yield np.argmax(z.numpy(), axis=1).astype(np.int32), y
+
+
 def top1(
     params: lbfgs.ProbeParams,
     source: ShardSource,
@@ -367,18 +387,33 @@ def top1(
     Returns:
         The fraction of rows whose ``argmax`` logit is the label.
     """
-    np_dtype = np.asarray(params.weights).dtype
-    weights = tf.constant(params.weights)
-    bias = tf.constant(np.asarray(params.bias, np_dtype))
     correct = 0
-    for x, y in source.iter_shards():
-        if len(y) == 0:
-            continue
-        if standardizer is not None:
-            x = standardizer.apply(x)
-        z = tf.matmul(tf.constant(np.asarray(x, np_dtype)), weights) + bias  # [n, C]
-        correct += int(np.sum(np.argmax(z.numpy(), axis=1) == y))
+    for pred, y in _shard_predictions(params, source, standardizer):
+        correct += int(np.sum(pred == y))
     return correct / source.num_examples
+
+
+def predict(
+    params: lbfgs.ProbeParams,
+    source: ShardSource,
+    standardizer: lbfgs.Standardizer | None = None,
+) -> np.ndarray:
+    """Predicted class of every row of ``source``, shard by shard.
+
+    Memory holds a few shards and the int32 ``[N]`` result, never ``[N, D]``.
+
+    Args:
+        params: ``weights [D, C]``, ``bias [C]``; their dtype is the compute dtype.
+        source: resident or streamed shards.
+        standardizer: applied to every shard first (as in training).
+
+    Returns:
+        int32 ``[N]``, ``argmax`` logit per row (ties: smallest class), in the
+        order of ``source.labels``; ``mean(predict(...) == source.labels)`` is
+        ``top1(...)``.
+    """
+    parts = [pred for pred, _ in _shard_predictions(params, source, standardizer)]
+    return np.concatenate(parts) if parts else np.zeros([0], np.int32)
 
 
 def fit_sharded(
@@ -522,3 +557,8 @@ def sweep_l2_sharded(
 def result_accuracy(result: lbfgs.SweepResult, source: ShardSource) -> float:
     """Top-1 of a sweep's best fit on ``source`` (standardized as in the sweep)."""
     return top1(result.best, source, result.standardizer)
+
+
+def result_predict(result: lbfgs.SweepResult, source: ShardSource) -> np.ndarray:
+    """Predicted class (int32 ``[N]``) of a sweep's best fit on ``source``."""
+    return predict(result.best, source, result.standardizer)

@@ -8,7 +8,12 @@ Contract:
     fractions in [0, 1], ``seconds``, optionally ``published_top1`` and
     ``workdir``);
     rows from ``linear_probe`` also carry ``protocol``, ``subset``,
-    ``fingerprint`` and ``protocol_spec``;
+    ``fingerprint``, ``protocol_spec`` and ``test_predictions`` (the final
+    model's predicted class per test example: ``{n, dtype, predictions,
+    correct, labels_sha256}``, see ``revisit_tf.probe.predictions``; equal
+    ``labels_sha256`` = same test images in the same order), and SGD/MLP rows
+    ``lr_curve`` (per epoch: ``epoch``, ``lr``, ``loss``, ``val_top1``,
+    ``test_top1``); the tables print neither;
   * output: markdown text (``tables.report_tables``: ``probe_table``, and the
     per-endpoint and per-subset tables of the paper's Figs. 5 and 7),
     accuracies printed in percent as in the paper's Tables 1 and 2
