@@ -25,7 +25,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from revisit_tf import __version__
+from revisit_tf import __version__, files
 from revisit_tf import data as data_lib
 from revisit_tf import models as models_lib
 from revisit_tf import pp as pp_lib
@@ -189,7 +189,7 @@ def pretrain(
     )
     if strategy_lib.is_chief(strategy_obj):
         for name, data in pretext_lib.workdir_files(model).items():
-            _write_atomic(os.path.join(workdir, name), data)
+            files.write_atomic(os.path.join(workdir, name), data)
             logging.info("Recorded %s.", os.path.join(workdir, name))
     metrics = loop_lib.train(
         model=model,
@@ -207,7 +207,7 @@ def pretrain(
         on_first_loop=on_first_loop,
     )
     if metrics and strategy_lib.is_chief(strategy_obj):
-        _write_atomic(
+        files.write_atomic(
             os.path.join(workdir, "train_metrics.json"),
             json.dumps(metrics, indent=1, sort_keys=True).encode(),
         )
@@ -564,10 +564,3 @@ def report(paths: Sequence[str], kind: str = "auto") -> str:
         that has more than one column.
     """
     return tables.report_tables(results_lib.read_results(paths), kind=kind)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
