@@ -16,6 +16,7 @@ needs the config only once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -33,7 +34,12 @@ import gin  # noqa: E402
 from revisit_tf import (
     configurables,  # noqa: E402
     experiments,  # noqa: E402
+    files,  # noqa: E402
 )
+from revisit_tf.study import collect as study_collect  # noqa: E402
+from revisit_tf.study import executors as study_executors  # noqa: E402
+from revisit_tf.study import runner as study_runner  # noqa: E402
+from revisit_tf.study import spec as study_spec  # noqa: E402
 
 CONFIG_NAME = "config.gin"
 OPERATIVE_CONFIG_NAME = "operative_config.gin"
@@ -96,13 +102,6 @@ def _worker_suffix() -> str:
     return f"-{kind}{index}"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def parse_gin(
     gin_files: Sequence[str], gin_bindings: Sequence[str], workdir: str | None = None
 ) -> list[str]:
@@ -117,16 +116,16 @@ def parse_gin(
     gin.clear_config()
     for path in configurables.gin_search_paths():
         gin.add_config_file_search_path(path)
-    files = list(gin_files)
-    if not files and workdir is not None:
+    paths = list(gin_files)
+    if not paths and workdir is not None:
         saved = os.path.join(workdir, CONFIG_NAME)
         if not os.path.exists(saved):
             raise FileNotFoundError(
                 f"No --gin_file given and no {saved!r}: pass the gin file(s) of "
                 "the run (e.g. --gin_file=demo/fashion_mnist_rotation.gin)."
             )
-        files = [saved]
-    for name in files:
+        paths = [saved]
+    for name in paths:
         if not os.path.exists(name) and not any(
             os.path.exists(os.path.join(p, name))
             for p in configurables.gin_search_paths()
@@ -135,8 +134,8 @@ def parse_gin(
                 f"Gin file {name!r} not found in the working directory nor in "
                 f"{configurables.gin_search_paths()}."
             )
-    gin.parse_config_files_and_bindings(files, gin_bindings, skip_unknown=False)
-    return files
+    gin.parse_config_files_and_bindings(paths, gin_bindings, skip_unknown=False)
+    return paths
 
 
 def _record_config(workdir: str) -> None:
@@ -150,7 +149,7 @@ def _record_config(workdir: str) -> None:
             backup = f"{path}.{int(os.path.getmtime(path))}"
             os.replace(path, backup)
             logging.warning("The config changed; the previous one is in %s", backup)
-    _write_atomic(path, text)
+    files.write_atomic(path, text)
 
 
 def train_main(argv: Sequence[str] | None = None) -> None:
@@ -163,7 +162,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
         _record_config(args.workdir)
 
     def write_operative_config():
-        _write_atomic(
+        files.write_atomic(
             os.path.join(args.workdir, OPERATIVE_CONFIG_NAME),
             gin.operative_config_str(),
         )
@@ -193,7 +192,12 @@ def probe_main(argv: Sequence[str] | None = None) -> None:
 def report_main(argv: Sequence[str] | None = None) -> None:
     """``revisit-report <workdir or results.jsonl>... [--table KIND]``: markdown."""
     parser = argparse.ArgumentParser(description="Probe results as a table.")
-    parser.add_argument("paths", nargs="+", help="Workdirs or results.jsonl files.")
+    parser.add_argument("paths", nargs="*", help="Workdirs or results.jsonl files.")
+    parser.add_argument(
+        "--study",
+        help="A revisit-study directory: (re)write its report (tables, figures, "
+        "findings) under STUDY/report instead.",
+    )
     parser.add_argument("--output", help="Also write the table to this file.")
     parser.add_argument(
         "--table",
@@ -204,20 +208,208 @@ def report_main(argv: Sequence[str] | None = None) -> None:
         "probe table plus each of the others with more than one column.",
     )
     args = parser.parse_args(argv)
+    if args.study:
+        if args.paths:
+            parser.error("give either --study DIR or result paths, not both.")
+        spec, jobs, _ = load_study([_recorded_spec(args.study)], [])
+        print(write_study_report(args.study, spec, jobs))
+        return
+    if not args.paths:
+        parser.error("give workdirs or results.jsonl files, or --study DIR.")
     table = experiments.report(args.paths, kind=args.table)
     print(table)
     if args.output:
-        _write_atomic(args.output, table + "\n")
+        files.write_atomic(args.output, table + "\n")
+
+
+STUDY_SPEC_NAME = "spec.gin"
+
+
+def load_study(
+    spec_files: Sequence[str], spec_bindings: Sequence[str]
+) -> tuple[study_spec.Spec, list[study_spec.Job], dict[str, float]]:
+    """Parses a study spec, expands it and parses every job's gin config.
+
+    Returns:
+      ``(spec, jobs, train_images)``: ``train_images`` maps train-job ids to
+      the images their config trains on (for ``--dry_run`` estimates).
+
+    Raises:
+      study_spec.SpecError: a malformed spec, or a job config that does not
+        parse (a misspelt binding), before anything runs.
+    """
+    parse_gin(spec_files, spec_bindings)
+    try:
+        spec = configurables.study()
+    except TypeError as e:
+        raise study_spec.SpecError(
+            f"the study spec {list(spec_files)} is incomplete: {e} (bind "
+            "study.name, study.axes and study.probes)."
+        ) from e
+    spec_text = "import revisit_tf.configurables\n\n" + gin.config_str()
+    jobs = study_spec.expand(spec, configurables.gin_search_paths())
+    images: dict[study_spec.GinPart, float] = {}
+
+    def parse(part: study_spec.GinPart) -> None:
+        parse_gin(part.files, part.bindings)
+        images[part] = _train_images(spec.train_examples)
+
+    study_spec.validate_gin(jobs, parse)
+    gin.clear_config()
+    train_images = {
+        j.id: images[j.gin] for j in jobs if j.kind == "train" and images.get(j.gin)
+    }
+    return dataclasses.replace(spec, text=spec_text), jobs, train_images
+
+
+def _train_images(train_examples: int | None) -> float | None:
+    """Images a parsed training config trains on (steps, examples or epochs)."""
+
+    def query(name):
+        try:
+            return gin.query_parameter(name)
+        except ValueError:
+            return None
+
+    steps, batch = query("pretrain.steps"), query("pretrain.global_batch_size")
+    if steps and batch:
+        return float(steps * batch)
+    if query("pretrain.examples"):
+        return float(query("pretrain.examples"))
+    if query("pretrain.epochs") and train_examples:
+        return float(query("pretrain.epochs") * train_examples)
+    return None
+
+
+def study_main(argv: Sequence[str] | None = None) -> None:
+    """``revisit-study``: run (or ``--dry_run``) a study, then write its report."""
+    parser = argparse.ArgumentParser(
+        description="Run a study: a grid of train -> export -> probe jobs "
+        "(gin/study/*.gin), then its report."
+    )
+    parser.add_argument("--study_dir", required=True, help="Study directory.")
+    parser.add_argument(
+        "--spec",
+        action="append",
+        default=[],
+        help="Study spec gin file (repeatable), e.g. study/fashion_mnist_mini.gin; "
+        "default: the study_dir's recorded spec.gin.",
+    )
+    parser.add_argument("--gin_bindings", action="append", default=[])
+    parser.add_argument("--executor", default="local", help="local (default) or slurm.")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="Local: chains at once (default: cpus / threads).",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="Local: CPU threads per job."
+    )
+    parser.add_argument("--partition", default=None, help="Slurm partition.")
+    parser.add_argument(
+        "--dry_run", action="store_true", help="Print the jobs and the estimate."
+    )
+    parser.add_argument(
+        "--overwrite_stale",
+        action="store_true",
+        help="Move cells trained under another config to study_dir/stale/ and "
+        "rerun them.",
+    )
+    parser.add_argument(
+        "--report_only", action="store_true", help="Only (re)write the report."
+    )
+    parser.add_argument(
+        "--no_report",
+        action="store_true",
+        help="Do not write the report after the run.",
+    )
+    args = parser.parse_args(argv)
+    if args.executor not in study_executors.EXECUTORS:
+        parser.error(
+            f"--executor must be one of {study_executors.EXECUTORS}; "
+            f"got {args.executor!r}."
+        )
+    spec_files = args.spec or [_recorded_spec(args.study_dir)]
+    spec, jobs, train_images = load_study(spec_files, args.gin_bindings)
+    if args.executor == "local":
+        executor = study_executors.make_executor(
+            "local", args.study_dir, slots=args.jobs, threads=args.threads
+        )
+    else:
+        executor = study_executors.make_executor(
+            "slurm", args.study_dir, partition=args.partition
+        )
+    if args.dry_run:
+        study_runner.dry_run(
+            args.study_dir, spec, jobs, slots=executor.slots, train_images=train_images
+        )
+        return
+    if not args.report_only:
+        os.makedirs(args.study_dir, exist_ok=True)
+        files.write_atomic(os.path.join(args.study_dir, STUDY_SPEC_NAME), spec.text)
+        summary = study_runner.run_study(
+            args.study_dir,
+            spec,
+            jobs,
+            executor,
+            overwrite_stale=args.overwrite_stale,
+            study_record={
+                "name": spec.name,
+                "spec_files": spec_files,
+                "gin_bindings": args.gin_bindings,
+                "jobs": [j.to_json() for j in jobs],
+            },
+        )
+    if not args.no_report:
+        print(write_study_report(args.study_dir, spec, jobs))
+    if not args.report_only and not summary.ok:
+        raise SystemExit(1)
+
+
+def _recorded_spec(study_dir: str) -> str:
+    path = os.path.join(study_dir, STUDY_SPEC_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"No --spec given and no {path!r}: pass the study's spec, e.g. "
+            "--spec=study/fashion_mnist_mini.gin."
+        )
+    return path
+
+
+def write_study_report(
+    study_dir: str, spec: study_spec.Spec, jobs: Sequence[study_spec.Job]
+) -> str:
+    """Collects the records, writes ``study_dir/report/``; returns its README."""
+    from revisit_tf.study import report as study_report  # matplotlib
+
+    records, notes = study_collect.collect(study_dir, spec, jobs)
+    summary_path = os.path.join(study_dir, "last_run.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            last = json.load(f)
+        notes = [
+            *notes,
+            *(
+                f"job {j} failed: {e} (log {os.path.relpath(p, study_dir)})"
+                for j, e, p in last["failed"]
+            ),
+        ]
+    out_dir = os.path.join(study_dir, "report")
+    os.makedirs(out_dir, exist_ok=True)
+    study_report.write_report(records, out_dir, title=f"Study {spec.name}", notes=notes)
+    return os.path.join(out_dir, "README.md")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m revisit_tf.cli {train,export,probe,report} ...``."""
+    """``python -m revisit_tf.cli {train,export,probe,report,study} ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "train": train_main,
         "export": export_main,
         "probe": probe_main,
         "report": report_main,
+        "study": study_main,
     }
     if not argv or argv[0] not in commands:
         raise SystemExit(

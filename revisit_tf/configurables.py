@@ -16,12 +16,17 @@ import gin
 from revisit_tf import experiments
 from revisit_tf.models import factory, heads, pretext
 from revisit_tf.pp import permutations
+from revisit_tf.study import spec as study_spec
 from revisit_tf.train import contrastive, losses, optim, reconstruction, triplet
 
 # Roots: called by the binaries, so they need the configured (wrapped) function.
 pretrain = gin.external_configurable(experiments.pretrain, module="revisit_tf")
 export_model = gin.external_configurable(experiments.export_model, module="revisit_tf")
 linear_probe = gin.external_configurable(experiments.linear_probe, module="revisit_tf")
+# The study spec (gin/study/*.gin binds study.*); called by revisit-study.
+study = gin.external_configurable(
+    study_spec.make_spec, name="study", module="revisit_tf"
+)
 
 # Builders: only ever referenced from gin (`@build_trunk`), so registering
 # them leaves the library functions themselves untouched.

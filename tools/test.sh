@@ -3,6 +3,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/setup_env.sh
+# The study's slurm executor is tested against a real single-node SLURM
+# (tests/slurm_cluster.py starts and stops it); here it must not be skipped.
+bash tools/setup_slurm.sh
+export REVISIT_TF_REQUIRE_SLURM=1
 echo "== ruff check / ruff format --check"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
