@@ -13,6 +13,9 @@ The package is laid out in data-flow order, one sub-package per stage:
 5. ``export``  - a SavedModel reusable TF-Hub style (every endpoint by name).
 6. ``probe``   - linear logistic-regression probe solved with TFP's L-BFGS.
 7. ``report``  - JSON-lines results -> markdown tables.
+8. ``study``   - a grid of pretext x trunk x width x seed run as a resumable
+                 DAG of jobs (local or SLURM) and drawn as the paper's
+                 Table 1 and Figs. 2-8.
 
 ``experiments`` holds the roots that chain the stages; ``configurables`` is the
 only library module that knows about gin.

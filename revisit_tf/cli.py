@@ -246,7 +246,16 @@ def load_study(
             f"the study spec {list(spec_files)} is incomplete: {e} (bind "
             "study.name, study.axes and study.probes)."
         ) from e
-    spec_text = "import revisit_tf.configurables\n\n" + gin.config_str()
+    # The spec as written (gin.config_str() would sort the axes' and levels'
+    # dict keys, and their order is the study's: cell ids, table order).
+    parts = []
+    for name in spec_files:
+        path = study_spec.resolve_gin_file(name, configurables.gin_search_paths())
+        with open(path) as f:
+            parts.append(f"# --spec {name}\n{f.read()}")
+    if spec_bindings:
+        parts.append("# --gin_bindings\n" + "\n".join(spec_bindings))
+    spec_text = "\n".join(parts) + "\n"
     jobs = study_spec.expand(spec, configurables.gin_search_paths())
     images: dict[study_spec.GinPart, float] = {}
 

@@ -496,7 +496,8 @@ def test_tiny_study_end_to_end_with_kill_resume_and_report(tmp_path):
     broken = (
         "study.probes = {'linear': (\"linear_probe.endpoints = 'all'\",), "
         "'broken': {'gin': (\"linear_probe.protocols = ('nope',)\",), "
-        "'where': {'trunk': ('vgg19',), 'seed': ('0',)}}}"
+        "'where': {'pretext': ('rotation',), 'trunk': ('vgg19',), "
+        "'seed': ('0',)}}}"
     )
     argv = [
         sys.executable,
@@ -532,8 +533,11 @@ def test_tiny_study_end_to_end_with_kill_resume_and_report(tmp_path):
     log = _read(os.path.join(study_dir, "study.log"))
     assert f"{len(done_before)} already done" in log
     final = _statuses(study_dir)
-    # 8 cells x 3 jobs, 1 pixel probe, 1 broken probe.
+    # 8 cells x 3 jobs, the pixel probe and the broken probe.
     assert len(final) == 26
+    assert [j for j in final if j.endswith("probe-broken")] == [
+        "rotation/vgg19/0/probe-broken"
+    ]
     assert final["rotation/vgg19/0/probe-broken"] == "failed"
     assert sum(s == "done" for s in final.values()) == 25
     assert "FAILED rotation/vgg19/0/probe-broken" in log

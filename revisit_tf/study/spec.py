@@ -197,7 +197,8 @@ def make_spec(
         (seeds are averaged over); any other axis is part of a cell's label.
       probes: ``{name: [gin...]}`` or ``{name: {"gin": [...], "where": {axis:
         [levels]}}}``: each probe is one ``revisit-probe`` run on every
-        matching cell (baselines included). At least one.
+        matching cell (baselines included; an axis a baseline cell lacks
+        does not restrict it). At least one.
       base, final: gin every job gets first / last (e.g. ``smoke.gin``).
       grids: ``{grid: {axis: [levels]}}``: the cells are the union over grids
         of the product of the named levels (an axis a grid does not name:
