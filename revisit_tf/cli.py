@@ -404,6 +404,7 @@ def write_study_report(
                 for j, e, p in last["failed"]
             ),
         ]
+    notes = [*study_runner.accounting(study_dir, jobs), *notes]
     out_dir = os.path.join(study_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
     study_report.write_report(records, out_dir, title=f"Study {spec.name}", notes=notes)

@@ -547,6 +547,8 @@ def test_tiny_study_end_to_end_with_kill_resume_and_report(tmp_path):
     report = os.path.join(study_dir, "report", "README.md")
     text = _read(report)
     assert "probe-broken failed" in text
+    assert "Jobs: 26 in 9 cells; 25 done, 1 failed." in text
+    assert "over 2 runner invocation(s)" in text
     figures = sorted(
         f for f in os.listdir(os.path.dirname(report)) if f.endswith(".png")
     )

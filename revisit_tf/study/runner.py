@@ -564,3 +564,66 @@ def run_study(
             json.loads(json.dumps(dataclasses.asdict(summary))),
         )
         return summary
+
+
+def accounting(study_dir: str, jobs: Sequence[spec_lib.Job]) -> list[str]:
+    """What the study cost, from its status files and ``study.log``.
+
+    Lines: job states, seconds inside jobs by kind, the span from the first
+    job's start to the last job's end, the number of runner invocations, and
+    the last run's overhead (``last_run.json``).
+    """
+    states: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    first, last = None, None
+    for job in jobs:
+        status = state.read_status(study_dir, job.id) or {}
+        st = status.get("state", "not run")
+        if status and status.get("fingerprint") != job.fingerprint:
+            st = "not run (older config)"
+        states[st] = states.get(st, 0) + 1
+        if st == "done":
+            seconds[job.kind] = seconds.get(job.kind, 0.0) + status.get("seconds", 0)
+            first = min(first or status["started"], status["started"])
+            last = max(last or status["ended"], status["ended"])
+    lines = [
+        f"Jobs: {len(jobs)} in {len({j.cell for j in jobs})} cells; "
+        + ", ".join(f"{n} {st}" for st, n in sorted(states.items()))
+        + "."
+    ]
+    if seconds:
+        total = sum(seconds.values())
+        lines.append(
+            "Compute inside jobs: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(seconds.items()))
+            + f"; total {total:.0f} s ({total / 3600:.2f} job-hours)."
+        )
+    log_path = os.path.join(study_dir, "study.log")
+    runs = 0
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            runs = sum(" jobs in " in line and " already done" in line for line in f)
+    if first is not None:
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(first))
+        lines.append(
+            f"Span: first job started {started}, "
+            f"last job ended {time.strftime('%H:%M', time.localtime(last))}: "
+            f"{_fmt_seconds(last - first)} of wall time over {runs} runner "
+            "invocation(s)."
+        )
+    summary = state.read_json(os.path.join(study_dir, "last_run.json"))
+    if summary:
+        wall = summary["wall_seconds"]
+        slots = summary["slots"]
+        inside = summary["job_seconds"]
+        outside = max(summary["chain_seconds"] - inside, 0.0)
+        lines.append(
+            f"Last runner invocation: {wall:.0f} s wall, {len(summary['done'])} jobs "
+            f"run and {summary['skipped']} skipped on {slots} slot(s); inside "
+            f"jobs {inside:.0f} s ({100 * inside / (slots * wall):.1f}% of the "
+            f"slot time), worker start-up outside jobs {outside:.0f} s "
+            f"({100 * outside / (slots * wall):.1f}%), the runner's own CPU "
+            f"{summary['runner_cpu_seconds']:.1f} s "
+            f"({100 * summary['runner_cpu_seconds'] / wall:.2f}% of the wall)."
+        )
+    return lines
