@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -424,6 +425,44 @@ def test_multi_task_jobs_run_alone(gin_dir, tmp_path):
     trains = [c for c in executor.launched if c[0].endswith("/train")]
     assert len(trains) == 8 and all(len(c) == 1 for c in trains)
     assert sorted(len(c) for c in executor.launched if len(c) > 1) == [2] * 8
+
+
+def test_workers_of_a_killed_runner_are_waited_for(gin_dir, tmp_path):
+    """A runner killed by SIGKILL leaves its workers running (own sessions);
+    the next runner must not start a second process on their cells."""
+    spec = _spec(axes={"pretext": {"rot": ("a.gin",)}, "trunk": {"r": (), "v": ()}})
+    jobs = spec_lib.expand(spec, [gin_dir])
+    study_dir = str(tmp_path / "s")
+    orphan = subprocess.Popen(["sleep", "1.5"])
+    train = next(j for j in jobs if j.id == "rot/r/train")
+    state.write_status(
+        study_dir,
+        train.id,
+        state="running",
+        fingerprint=train.fingerprint,
+        pid=orphan.pid,
+        host=socket.gethostname(),
+    )
+    executor = FakeExecutor()
+    start = time.time()
+    launched_at = {}
+    launch = executor.launch
+
+    def timed_launch(study_dir, job_ids, resources):
+        launched_at[job_ids[0]] = time.time() - start
+        return launch(study_dir, job_ids, resources)
+
+    executor.launch = timed_launch
+    # Reap the sleep when it ends, as its real parent (the old runner) would.
+    threading.Thread(target=orphan.wait, daemon=True).start()
+    summary = _run(study_dir, spec, jobs, executor)
+    assert summary.ok
+    assert launched_at["rot/v/train"] < 1.0
+    assert launched_at["rot/r/train"] >= 1.4  # only after the orphan ended
+    log = _read(os.path.join(study_dir, "study.log"))
+    assert (
+        "waiting for 1 cell(s) still run by an earlier runner's workers: rot/r" in log
+    )
 
 
 def test_a_second_runner_is_refused(gin_dir, tmp_path):

@@ -500,6 +500,8 @@ def run_study(
             previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
         try:
             while True:
+                if waiting:
+                    waiting = orphans()
                 while len(running) < executor.slots:
                     chain = next_chain()
                     if chain is None:
@@ -512,8 +514,6 @@ def run_study(
                     handle = executor.launch(study_dir, chain, resources)
                     running[cell] = (handle, chain, time.time())
                     progress(f"started {', '.join(chain)}")
-                if waiting:
-                    waiting = orphans()
                 if not running and not waiting:
                     break
                 for cell, (handle, _, _) in list(running.items()):
