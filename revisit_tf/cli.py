@@ -407,7 +407,13 @@ def write_study_report(
     notes = [*study_runner.accounting(study_dir, jobs), *notes]
     out_dir = os.path.join(study_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
-    study_report.write_report(records, out_dir, title=f"Study {spec.name}", notes=notes)
+    study_report.write_report(
+        records,
+        out_dir,
+        title=f"Study {spec.name}",
+        notes=notes,
+        main_probes=[next(iter(spec.probes))],  # the spec's first probe
+    )
     return os.path.join(out_dir, "README.md")
 
 

@@ -369,6 +369,36 @@ def test_different_fingerprints_are_never_averaged(tmp_path):
     assert "2 protocol fingerprints" in text and "never" in text
 
 
+def test_main_probes_keep_other_probes_out_of_table1(tmp_path):
+    recs = []
+    for probe, fp, accs in (
+        ("linear", "fpA", (0.50, 0.52, 0.54)),
+        ("endpoints", "fpB", (0.80, 0.82, 0.84)),
+    ):
+        for seed, a in enumerate(accs):
+            recs.append(
+                {
+                    "levels": {"pretext": "rotation", "trunk": "resnet50_v1",
+                               "width": "1", "seed": str(seed)},
+                    "baseline": None,
+                    "probe": probe,
+                    "endpoint": "pre_logits",
+                    "protocol": "lbfgs",
+                    "subset": 1.0,
+                    "fingerprint": fp,
+                    "test_top1": a,
+                    "n_test": 100,
+                    "test_correct": None,
+                }
+            )  # fmt: skip
+    write_report(recs, str(tmp_path), title="fp", n_boot=100, main_probes=["linear"])
+    text = (tmp_path / "README.md").read_text()
+    tables = _tables(text)
+    assert len(tables) == 1
+    assert _plain(tables[0][1][0][1]) == _fmt([0.50, 0.52, 0.54])
+    assert _fmt([0.80, 0.82, 0.84]) not in text
+
+
 def test_findings_not_supported_on_contrary_data(tmp_path):
     against = ("F2", "F3", "F4", "F5a", "F7", "F8")
     records, _ = make_records(against=against, n_test=1000, seed=1)

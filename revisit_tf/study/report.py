@@ -881,15 +881,33 @@ def _finding8(configs) -> Finding:
     return Finding("F8", title, "supported" if all(oks) else "not supported", lines)
 
 
-def _findings(configs, main, cmp) -> list[Finding]:
+def _findings(configs, all_configs, main, cmp) -> list[Finding]:
     return [
         _finding2(configs, main, cmp),
         _finding3(configs, main, cmp),
         _finding4(configs, main, cmp),
-        _finding5(configs, cmp, residual=True),
-        _finding5(configs, cmp, residual=False),
+        _finding5(all_configs, cmp, residual=True),
+        _finding5(all_configs, cmp, residual=False),
         _finding7(configs, main, cmp),
-        _finding8(configs),
+        _finding8(all_configs),
+    ]
+
+
+def _main_configs(
+    configs: Sequence[Config], main_endpoint: str, main_probes: Sequence[str] | None
+) -> list[Config]:
+    """Drops Table-1-setting configurations measured only by other probes.
+
+    A study may probe ``main_endpoint`` again under another protocol (e.g.
+    an every-endpoint probe with a cheaper L2 grid for Fig. 5); with
+    ``main_probes`` such duplicates stay out of Table 1 and Figs. 2, 3, 4, 7
+    (they still draw Fig. 5).
+    """
+    if not main_probes:
+        return list(configs)
+    main_ids = {id(c) for c in F.linear_main(configs, main_endpoint, pixels=True)}
+    return [
+        c for c in configs if id(c) not in main_ids or set(c.probes) & set(main_probes)
     ]
 
 
@@ -915,6 +933,7 @@ def write_report(
     title: str,
     notes: Sequence[str] = (),
     main_endpoint: str = "pre_logits",
+    main_probes: Sequence[str] | None = None,
     n_boot: int = 10000,
     draw_figures: bool = True,
 ) -> list[str]:
@@ -932,6 +951,9 @@ def write_report(
         title: the report's title.
         notes: lines for the Notes section (e.g. excluded stale rows).
         main_endpoint: the endpoint of Table 1 and Figs. 2, 3, 4, 7.
+        main_probes: if given, the probes whose L-BFGS results at
+            ``main_endpoint`` make Table 1 and Figs. 2, 3, 4, 7 (other probes
+            of that setting only draw Fig. 5); default: every probe.
         n_boot: bootstrap replicates per comparison.
         draw_figures: False leaves the figures out (a quick text-only report;
             existing figure files are left alone).
@@ -945,14 +967,15 @@ def write_report(
         ValueError: for malformed records (``stats.group_records``).
     """
     os.makedirs(out_dir, exist_ok=True)
-    configs, auto_notes = group_records(records)
+    all_configs, auto_notes = group_records(records)
+    configs = _main_configs(all_configs, main_endpoint, main_probes)
     cmp = _Comparator(n_boot)
-    n_fp = len(F.ordered_unique(c.fingerprint for c in configs))
-    protocols = F.ordered_unique(c.protocol for c in configs)
+    n_fp = len(F.ordered_unique(c.fingerprint for c in all_configs))
+    protocols = F.ordered_unique(c.protocol for c in all_configs)
     body = [
         f"# {title}",
         "",
-        f"{len(records)} probe records in {len(configs)} configurations "
+        f"{len(records)} probe records in {len(all_configs)} configurations "
         f"(protocols: {', '.join(protocols) or '-'}; {n_fp} protocol "
         "fingerprint(s)). A configuration is every record equal but for the "
         "seed, under one protocol fingerprint; records of different "
@@ -970,7 +993,7 @@ def write_report(
     body += ["## Figures", ""]
     for _, stem, caption, prepare, draw, takes_main in _FIGURES:
         kwargs = {"main_endpoint": main_endpoint} if takes_main else {}
-        data = prepare(configs, **kwargs)
+        data = prepare(configs if takes_main else all_configs, **kwargs)
         base = os.path.join(out_dir, stem)
         body += [f"### {caption.split(':')[0]}", ""]
         if not draw_figures:
@@ -992,7 +1015,7 @@ def write_report(
         ]
 
     body += ["## Findings", ""]
-    for finding in _findings(configs, main_endpoint, cmp):
+    for finding in _findings(configs, all_configs, main_endpoint, cmp):
         body += finding.markdown()
     body += ["## All comparisons", ""] + cmp.table() + [""]
     all_notes = [*notes, *auto_notes, *extra_notes]
