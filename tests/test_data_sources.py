@@ -612,3 +612,48 @@ def test_tfds_unprepared_imagenet_mentions_manual_download(tmp_path):
     with pytest.raises(FileNotFoundError, match="downloads/manual") as info:
         get_source("imagenet2012", "train", data_dir=tmp_path)
     assert str(tmp_path) in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# Issue 12: an empty split is an error naming the dataset and the split, raised
+# before anything is read or trained on.
+
+
+@pytest.mark.parametrize("spec", ["train[5:5]", "train[10:5]", "test[100%:]"])
+def test_empty_array_split_is_named(tiny_idx_dir, spec):
+    for fn in (get_source, num_examples):
+        with pytest.raises(ValueError, match="empty") as info:
+            fn("fashion_mnist_idx", spec, data_dir=tiny_idx_dir)
+        assert "'fashion_mnist_idx'" in str(info.value)
+        assert repr(spec) in str(info.value)
+
+
+def test_empty_official_split_is_named_by_its_alias(tmp_path):
+    empty = np.zeros((0, 2, 2), np.uint8), np.zeros((0,), np.uint8)
+    data_dir = _write_idx_dir(
+        tmp_path / "d", {"train": _numbered(37), "test": empty}, compress=False
+    )
+    for fn in (get_source, num_examples):
+        with pytest.raises(ValueError, match=r"'test'.*empty") as info:
+            fn("fashion_mnist_idx", "test", data_dir=data_dir)
+        assert "'fashion_mnist_idx'" in str(info.value)
+
+
+def test_empty_tfds_split_is_named(tiny_tfds_dir):
+    name = "revisit_tiny_numbers"
+    for fn in (get_source, num_examples):
+        with pytest.raises(ValueError, match=r"'train\[5:5\]'.*empty") as info:
+            fn(name, "train[5:5]", data_dir=tiny_tfds_dir)
+        assert repr(name) in str(info.value)
+
+
+def test_read_idx_refuses_devices_and_fifos(tmp_path):
+    link = tmp_path / "train-images-idx3-ubyte"
+    os.symlink("/dev/zero", link)
+    with pytest.raises(ValueError, match="not a regular file") as info:
+        idx.read_idx(link)
+    assert str(link) in str(info.value)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        idx.read_idx(fifo)

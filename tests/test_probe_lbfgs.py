@@ -376,7 +376,10 @@ def test_xla_variant_matches_the_default_kernels(
         "num_classes": 4,
         "l2": 1e-2,
         "dtype": dtype,
-        "tolerance": 1e-9 if dtype == tf.float64 else 1e-5,
+        # float32: 1e-4, the tolerance float32 reaches (lbfgs docstring); at
+        # 1e-5 the cold default path stalls at a gradient of 2.8e-5, which
+        # TFP's flags used to call converged.
+        "tolerance": 1e-9 if dtype == tf.float64 else 1e-4,
         "initial": initial if warm else None,
     }
     assert not lbfgs._uses_xla_product(tf.zeros([300, 9]))

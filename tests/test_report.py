@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -296,3 +297,56 @@ def test_tables_do_not_print_test_predictions_or_curves(tmp_path):
             for r in read
         ]
     )
+
+
+# Issue 12: a value of the wrong type in a numeric column is an error, never
+# a cell. A string under "test top-1 (%)" would be read as a percentage.
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("test_top1", "0.84", "a number"),
+        ("test_top1", True, "a number"),
+        ("val_top1", 84.42, r"\[0, 1\]"),
+        ("l2", "1e-4", "a number"),
+        ("iterations", "87", "a number"),
+        ("n_test", [500], "a number"),
+        ("seconds", {"wall": 1.0}, "a number"),
+        ("converged", "yes", "true, false or null"),
+    ],
+)
+def test_read_rejects_wrong_types_naming_file_line_and_field(
+    tmp_path, field, value, expected
+):
+    path = tmp_path / "r.jsonl"
+    good, bad = _probe_row(), _probe_row(**{field: value})
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: field {field!r}") as info:
+        results.read_results([path])
+    assert re.search(expected, str(info.value))
+    assert repr(value) in str(info.value)
+
+
+def test_read_accepts_nulls_and_numbers_in_numeric_fields(tmp_path):
+    path = tmp_path / "r.jsonl"
+    rows = [_probe_row(val_top1=None, l2=0, seconds=3), _probe_row(converged=None)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert results.read_results([path]) == rows
+
+
+@pytest.mark.parametrize("value", ["0.53749", True, [0.5]])
+def test_tables_reject_non_numbers_in_accuracy_columns(value):
+    with pytest.raises(ValueError, match=r"test_top1 .*a number") as info:
+        tables.probe_table([_probe_row(test_top1=value)])
+    assert repr(value) in str(info.value)
+    assert "rotation" in str(info.value)  # names the row
+    with pytest.raises(ValueError, match="a number"):
+        tables.format_value("l2", "1e-4")
+
+
+def test_append_rejects_wrong_types_before_writing(tmp_path):
+    path = tmp_path / "r.jsonl"
+    with pytest.raises(ValueError, match=r"field 'test_top1' is '0.84' \(str\)"):
+        results.append_result(path, _probe_row(test_top1="0.84"))
+    assert not path.exists()

@@ -25,6 +25,7 @@ import functools
 import gzip
 import math
 import os
+import stat
 import zlib
 
 import numpy as np
@@ -69,24 +70,38 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
     Raises:
       FileNotFoundError: ``path`` does not exist.
-      ValueError: The content is not a valid uint8 idx file (bad gzip stream,
+      ValueError: ``path`` is not a regular file (a device such as
+        ``/dev/zero``, a fifo, a directory, or a link to one), or the
+        content is not a valid uint8 idx file (bad gzip stream,
         bad magic number, dtype other than ``0x08``, 0 or more than 4
         dimensions, or a payload shorter or longer than the header says).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"idx file {path!r} does not exist.")
-    stat = os.stat(path)
-    return _read_idx_cached(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(
+            f"idx file {path!r} is not a regular file (a device, fifo or "
+            "directory, or a link to one); reading it could block or never end."
+        )
+    return _read_idx_cached(os.path.abspath(path), info.st_size, info.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=16)
 def _read_idx_cached(path: str, size: int, mtime_ns: int) -> np.ndarray:
     # `size` and `mtime_ns` only take part in the cache key: a rewritten file
     # gets a new entry instead of a stale array.
-    del size, mtime_ns
-    with open(path, "rb") as f:
-        content = f.read()
+    del mtime_ns
+    # Non-blocking, and re-checked on the open descriptor: a file swapped for
+    # a fifo or a device after the check cannot block or stream forever.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"idx file {path!r} is not a regular file.")
+        content = f.read(size + 1)
+    if len(content) != size:
+        raise ValueError(f"idx file {path!r} changed while it was read; retry.")
     if content[:2] == _GZIP_MAGIC:
         try:
             content = gzip.decompress(content)
@@ -148,10 +163,14 @@ def _parse_idx(content: bytes, path: str) -> np.ndarray:
 
 
 def _find_file(data_dir: str, stem: str) -> str:
-    """Returns ``data_dir/stem.gz`` or ``data_dir/stem``, whichever exists."""
+    """Returns ``data_dir/stem.gz`` or ``data_dir/stem``, whichever exists.
+
+    Anything at that name counts (``read_idx`` then refuses a device or fifo
+    by name instead of this saying that nothing is there).
+    """
     for name in (stem + ".gz", stem):
         path = os.path.join(data_dir, name)
-        if os.path.isfile(path):
+        if os.path.lexists(path):
             return path
     raise FileNotFoundError(
         f"Neither {os.path.join(data_dir, stem + '.gz')!r} nor "

@@ -4,8 +4,10 @@ Contract: ``get_source(name, split)`` returns a finite, deterministically
 ordered (no file shuffling) ``tf.data.Dataset`` of
 ``{"image": uint8 [H, W, C], "label": int64 []}``; nothing else is kept.
 ``num_examples(name, split)`` is its exact length, for step arithmetic
-(reference section 7.1). ``data.pipeline`` shards, shuffles and batches these
-datasets; ``pp`` turns the examples into pretext inputs.
+(reference section 7.1). An empty split is an error of both, naming the
+dataset and the split, raised before anything is read. ``data.pipeline``
+shards, shuffles and batches these datasets; ``pp`` turns the examples into
+pretext inputs.
 
 Names:
   * any TFDS dataset (``imagenet2012``, ``places365_small``, ``cifar10``,
@@ -301,6 +303,10 @@ class _ArrayReader:
         _, start, stop = self._slice(spec)
         return stop - start
 
+    def known_count(self, spec: str) -> int:
+        """``count``: free for arrays."""
+        return self.count(spec)
+
     def read(self, spec: str) -> tf.data.Dataset:
         split, start, stop = self._slice(spec)
         images, labels = self.splits[split]
@@ -372,8 +378,19 @@ class _TfdsReader:
                 count,
             )
             return count
+        return self.known_count(spec)
+
+    def known_count(self, spec: str) -> int | None:
+        """The count from the TFDS metadata; None without metadata (mocks).
+
+        TFDS gives an empty slice a count of 0, or a negative one for a
+        reversed slice such as ``train[10:5]`` (which its reader then fails
+        on); both are reported as 0.
+        """
+        if self.official_sizes() is None:
+            return None
         self._check_official(spec)
-        return self.builder.info.splits[spec].num_examples
+        return max(0, self.builder.info.splits[spec].num_examples)
 
     def read(self, spec: str) -> tf.data.Dataset:
         self._check_official(spec)
@@ -466,6 +483,18 @@ def _check_train_size(name: str, split: str, reader) -> None:
         )
 
 
+def _check_not_empty(name: str, split: str, resolved: str, count: int | None) -> None:
+    """Raises the error for an empty split, naming the dataset and the split."""
+    if count is None or count > 0:
+        return
+    shown = repr(split) if resolved == split else f"{split!r} (= {resolved!r})"
+    raise ValueError(
+        f"Split {shown} of dataset {name!r} is empty: it has no examples, so "
+        "there is nothing to train or probe on. Check the split's bounds (e.g. "
+        "'train[:1000]') and that the data directory holds the data."
+    )
+
+
 def resolve_split(
     name: str, split: str, *, data_dir: str | os.PathLike | None = None
 ) -> str:
@@ -512,14 +541,17 @@ def get_source(
       ``[None, None, 3]`` for ImageNet), always in the same order.
 
     Raises:
-      ValueError: Unknown dataset or split, or data that contradicts the split
-        table.
+      ValueError: Unknown dataset or split, data that contradicts the split
+        table, or an empty split (the message names the dataset and the split;
+        checked before anything is read wherever the size is known without
+        reading: array sources and prepared TFDS datasets).
       FileNotFoundError: The dataset is not prepared / its files are missing in
         ``data_dir`` (the message says how to get it).
     """
     reader = _open(name, data_dir)
     resolved = _resolve(name, split, reader.train_size)
     _check_train_size(name, split, reader)
+    _check_not_empty(name, split, resolved, reader.known_count(resolved))
     return reader.read(resolved)
 
 
@@ -534,13 +566,17 @@ def num_examples(
       data_dir: As for ``get_source``.
 
     Returns:
-      The count, read from the prepared TFDS metadata or the arrays (not by
-      iterating), e.g. 50,000 for ``("fashion_mnist_idx", "train")``.
+      The count (always >= 1), read from the prepared TFDS metadata or the
+      arrays (not by iterating), e.g. 50,000 for ``("fashion_mnist_idx",
+      "train")``.
 
     Raises:
-      ValueError, FileNotFoundError: As for ``get_source``.
+      ValueError, FileNotFoundError: As for ``get_source``; an empty split is
+        an error here too.
     """
     reader = _open(name, data_dir)
     resolved = _resolve(name, split, reader.train_size)
     _check_train_size(name, split, reader)
-    return reader.count(resolved)
+    count = reader.count(resolved)
+    _check_not_empty(name, split, resolved, count)
+    return count

@@ -20,15 +20,27 @@ Layout of an entry ``<root>/<key>/``: ``shard-00000.npy`` ... (float32
 ``[n_i, D]``), ``labels.npy`` (int32 ``[N]``) and ``manifest.json`` (the spec,
 N, D, and per file its byte size and CRC-32).
 
-Crash safety. An entry is written into ``<root>/<key>.partial-<pid>-<nonce>/``
-and renamed to ``<root>/<key>`` only after every file and the manifest are
-written and fsync-ed; a rename is atomic, so a reader sees a whole entry or
-none. Builders of one key serialise on ``<root>/<key>.lock`` (``flock``), and
-the lock holder deletes partial directories that crashed builders left behind.
-An entry is also checked when opened (manifest present and parseable, same
-spec, every file with its recorded size) and every file's CRC-32 the first
-time it is read. Anything that fails a check is reported, deleted and rebuilt by
-``get_or_build``; it is never silently used.
+Crash safety. An entry is written into ``<root>/<key>.partial-<pid>-<random>/``
+(each file through a temporary file with a random name, renamed in once
+written and fsync-ed) and the directory is renamed to ``<root>/<key>`` only
+after every file and the manifest are in; a rename is atomic, so a reader sees
+a whole entry or none. The commit is marked by the fault points
+``cache.shards_written`` (shards and labels in, no manifest yet),
+``cache.manifest_written`` and ``cache.entry_committed`` (``revisit_tf.faults``).
+Builders of one key serialise on ``<root>/<key>.lock`` (``flock``), and the lock
+holder deletes partial directories that crashed builders left behind. A write
+that fails (a full disk, a quota) removes the partial directory and raises
+``CacheWriteError`` naming the file and the bytes being written; entries
+already cached are never touched.
+
+Checks. An entry is checked when opened: the manifest's structure (every
+field with its type and range, shard names ``shard-00000.npy`` ... in order,
+rows summing to N), the same spec, and every file against it: a regular file
+(never a link or a device), of the recorded size, whose ``.npy`` header holds
+the recorded shape (``[n_i, D]`` float32 shards, ``[N]`` int32 labels). Every
+file's CRC-32 is checked the first time it is read. Anything that fails a
+check is reported (the warning names the entry and what is wrong), deleted and
+rebuilt by ``get_or_build``; it is never silently used.
 
 NumPy only (no TensorFlow), so the cache can be inspected and tested cheaply.
 """
@@ -36,21 +48,25 @@ NumPy only (no TensorFlow), so the cache can be inspected and tested cheaply.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
+import secrets
 import shutil
+import stat
 import time
-import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
+from revisit_tf import faults, files
 from revisit_tf.probe import arrays
 
 FORMAT_VERSION = 1
@@ -61,12 +77,71 @@ LABELS = "labels.npy"
 # only a few in memory (one per replica plus read-ahead).
 DEFAULT_SHARD_BYTES = 64 << 20
 _LOG_EVERY_SECONDS = 30.0
+# A manifest is a few KB per thousand shards; anything far larger is not one.
+_MAX_MANIFEST_BYTES = 64 << 20
+_WRITE_CHUNK = 4 << 20
+_SHARD_NAME = "shard-{:05d}.npy"
 
 _logger = logging.getLogger(__name__)
 
 
 class CacheError(ValueError):
     """A cache entry is incomplete, corrupt or does not match its spec."""
+
+
+class CacheWriteError(OSError):
+    """Writing a cache entry failed (full disk, quota, I/O error).
+
+    The partial entry has been removed; entries already cached are untouched.
+    ``errno`` is that of the failed write (``ENOSPC`` for a full disk).
+    """
+
+
+class UnsafeFileError(ValueError):
+    """A directory to fingerprint holds a link out of it or a non-regular file."""
+
+
+def _kind(mode: int) -> str:
+    """Human name of the file type in ``mode`` (``st_mode``)."""
+    for test, name in [
+        (stat.S_ISREG, "regular file"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISLNK, "symbolic link"),
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ]:
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _open_regular(path: str) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file.
+
+    Never follows a symbolic link at ``path`` and never blocks (a fifo is
+    opened non-blocking, then refused), so no read through it can hang or be
+    unbounded.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UnsafeFileError: ``path`` is a link, a device, a fifo, ...
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise UnsafeFileError(
+            f"{path} is a symbolic link (to {os.readlink(path)!r}), not a regular file."
+        ) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UnsafeFileError(f"{path} is a {_kind(mode)}, not a regular file.")
+    return fd
 
 
 def canonical_json(value: Any) -> str:
@@ -110,31 +185,70 @@ def hash_directory(path: str | os.PathLike) -> str:
     different model to the same path changes it, so a stale cache is never
     used. Reads every byte once (about a second per GB).
 
+    Only regular files are read. A symbolic link to a regular file inside
+    ``path`` is hashed as that file (under the link's name); a link that points
+    outside ``path`` or to anything but a regular file (a directory, a device
+    such as ``/dev/zero``, a fifo), and any such file itself, is refused:
+    hashing it could read without end, block, or make the identity depend on
+    files outside the export. An unreadable subdirectory is an error, never
+    skipped.
+
+    Returns:
+        64 hex digits.
+
     Raises:
         FileNotFoundError: if ``path`` is not a directory.
+        UnsafeFileError: for a link or file as above (the message names it).
+        OSError: for a directory or file that cannot be read.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a directory.")
+    root = os.path.realpath(path)
+
+    def refuse(full: str, what: str) -> UnsafeFileError:
+        return UnsafeFileError(
+            f"{full} {what}; {path} may hold only regular files and directories "
+            "(and links to regular files inside it). Remove it, or copy the "
+            "file it stands for into the export."
+        )
+
+    def raise_error(error: OSError) -> None:
+        raise error
+
     digest = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(path):
+    for dirpath, dirnames, filenames in os.walk(path, onerror=raise_error):
         dirnames.sort()
+        for name in dirnames:  # os.walk lists links to directories here
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                raise refuse(
+                    full, f"is a symbolic link to a directory ({os.readlink(full)!r})"
+                )
         for name in sorted(filenames):
             full = os.path.join(dirpath, name)
+            mode = os.lstat(full).st_mode
+            file = full
+            if stat.S_ISLNK(mode):
+                file = os.path.realpath(full)
+                if os.path.commonpath([root, file]) != root:
+                    raise refuse(full, f"links to {file}, outside the directory")
+                if not os.path.exists(file):
+                    raise refuse(full, f"is a broken link (to {file})")
+                mode = os.stat(file).st_mode
+                if not stat.S_ISREG(mode):
+                    raise refuse(full, f"links to a {_kind(mode)} ({file})")
+            elif not stat.S_ISREG(mode):
+                raise refuse(full, f"is a {_kind(mode)}")
             digest.update(os.path.relpath(full, path).encode() + b"\0")
-            with open(full, "rb") as f:
-                while chunk := f.read(1 << 20):
+            fd = _open_regular(file)  # re-checked on the open descriptor
+            try:
+                while chunk := os.read(fd, 1 << 20):
                     digest.update(chunk)
+            finally:
+                os.close(fd)
             digest.update(b"\0")
     return digest.hexdigest()
-
-
-def _crc32_file(path: str) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def _fsync_dir(path: str) -> None:
@@ -145,20 +259,245 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _write_error(path: str, nbytes: int, written: int, error: OSError) -> OSError:
+    """The ``CacheWriteError`` for a failed write of ``nbytes`` to ``path``."""
+    directory = os.path.dirname(path) or "."
+    try:
+        free = f"{shutil.disk_usage(directory).free} bytes are free there"
+    except OSError:
+        free = "the free space there is unknown"
+    # numpy reports a short write as "N requested and M written", no errno.
+    short = error.errno is None and "requested and" in str(error)
+    if short or error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        message = (
+            f"Feature cache: the disk is full at {path} (or a quota or file-size "
+            f"limit was hit): writing {nbytes} bytes ({nbytes / 2**20:.1f} MiB) "
+            f"stopped after {written} ({error}); {free}. Free space, or point "
+            "the cache (cache_dir) at a larger disk. The partial entry was "
+            "removed; entries already cached are untouched."
+        )
+    else:
+        message = (
+            f"Feature cache: writing {nbytes} bytes to {path} failed after "
+            f"{written} ({error}). The partial entry was removed; entries "
+            "already cached are untouched."
+        )
+    out = CacheWriteError(message)
+    out.errno = error.errno if error.errno is not None else errno.ENOSPC
+    return out
+
+
+def _npy_header(array: np.ndarray) -> bytes:
+    """The ``.npy`` header ``np.save`` writes for ``array`` (format 1.0, or 2.0)."""
+    header = io.BytesIO()
+    data = np.lib.format.header_data_from_array_1_0(array)
+    try:
+        np.lib.format.write_array_header_1_0(header, data)
+    except ValueError:  # a header over 64 KiB needs format 2.0
+        header = io.BytesIO()
+        np.lib.format.write_array_header_2_0(header, data)
+    return header.getvalue()
+
+
 def _save_npy(path: str, array: np.ndarray) -> dict[str, int]:
-    """Writes ``array`` as .npy, fsyncs it, returns ``{"bytes", "crc32"}``."""
-    with open(path, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"bytes": os.path.getsize(path), "crc32": _crc32_file(path)}
+    """Writes ``array`` as ``np.save`` would, durably; returns ``{"bytes", "crc32"}``.
+
+    Streams the header and the data in 4 MiB chunks into a temporary file with
+    a random name next to ``path`` (created exclusively, so never a file or
+    link someone else made), fsyncs it and renames it to ``path``. The CRC-32
+    is that of the bytes written. On any failure the temporary file is
+    removed and nothing is left at ``path``.
+
+    Raises:
+        CacheWriteError: the write failed (a full disk says so, with the size).
+    """
+    array = np.ascontiguousarray(array)
+    header = _npy_header(array)
+    payload = array.reshape(-1).view(np.uint8)
+    nbytes = len(header) + payload.size
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.tmp-{secrets.token_hex(8)}")
+    written, crc = 0, 0
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
+            chunks = [header] + [
+                payload[i : i + _WRITE_CHUNK]
+                for i in range(0, payload.size, _WRITE_CHUNK)
+            ]
+            for chunk in chunks:
+                crc = zlib.crc32(chunk, crc)
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(fd, view)
+                    if n <= 0:  # a short write that made no progress
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    written += n
+                    view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise _write_error(path, nbytes, written, e) from e
+        raise
+    return {"bytes": nbytes, "crc32": crc}
+
+
+def _is_int(value: Any, low: int, high: int | None = None) -> bool:
+    """Whether ``value`` is a JSON integer (not a bool) in ``[low, high)``."""
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= low
+        and (high is None or value < high)
+    )
+
+
+_FILE_INFO = '{"bytes": int >= 0, "crc32": int in [0, 2**32)}'
+
+
+def _check_file_info(info: Any, where: str, field: str, rows: bool) -> None:
+    expected = _FILE_INFO[:-1] + ', "rows": int >= 1}' if rows else _FILE_INFO
+    if not isinstance(info, dict):
+        raise CacheError(f"{where}: {field} is {info!r}; expected {expected}.")
+    for key, ok in [
+        ("bytes", _is_int(info.get("bytes"), 0)),
+        ("crc32", _is_int(info.get("crc32"), 0, 2**32)),
+        *([("rows", _is_int(info.get("rows"), 1))] if rows else []),
+    ]:
+        if not ok:
+            raise CacheError(
+                f"{where}: {field}.{key} is {info.get(key)!r}; expected {expected}."
+            )
+
+
+def _check_manifest(manifest: Any, where: str) -> None:
+    """Checks the structure of a parsed manifest; raises ``CacheError`` naming
+    the first wrong field and the expected form."""
+    if not isinstance(manifest, dict):
+        raise CacheError(
+            f"{where}: expected a JSON object; got {type(manifest).__name__}."
+        )
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CacheError(
+            f"{where}: format version {manifest.get('version')!r}; "
+            f"expected {FORMAT_VERSION}."
+        )
+    if not isinstance(manifest.get("spec"), dict) or not manifest["spec"]:
+        raise CacheError(
+            f"{where}: spec is {manifest.get('spec')!r}; expected a non-empty object."
+        )
+    for key in ("num_examples", "dim"):
+        if not _is_int(manifest.get(key), 1):
+            raise CacheError(
+                f"{where}: {key} is {manifest.get(key)!r}; expected an int >= 1."
+            )
+    _check_file_info(manifest.get("labels"), where, "labels", rows=False)
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise CacheError(
+            f"{where}: shards is {shards!r:.200}; expected a non-empty list of "
+            '["shard-00000.npy", {"bytes", "crc32", "rows"}] pairs.'
+        )
+    for i, pair in enumerate(shards):
+        name = _SHARD_NAME.format(i)
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise CacheError(
+                f"{where}: shards[{i}] is {pair!r:.200}; expected "
+                f'["{name}", {{"bytes", "crc32", "rows"}}].'
+            )
+        if pair[0] != name:
+            raise CacheError(
+                f"{where}: shards[{i}] names {pair[0]!r}; expected {name!r}."
+            )
+        _check_file_info(pair[1], where, f"shards[{i}] ({name})", rows=True)
+    total = sum(info["rows"] for _, info in shards)
+    if total != manifest["num_examples"]:
+        raise CacheError(
+            f"{where}: the shards' rows sum to {total}; num_examples is "
+            f"{manifest['num_examples']}."
+        )
+
+
+def _read_manifest(path: str) -> Any:
+    """The parsed ``manifest.json`` at ``path`` (bounded read, regular file)."""
+    try:
+        fd = _open_regular(path)
+    except FileNotFoundError:
+        raise CacheError(
+            f"{os.path.dirname(path)}: no {MANIFEST} (incomplete entry)."
+        ) from None
+    except (OSError, UnsafeFileError) as e:
+        raise CacheError(f"{path}: unreadable ({e}).") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            content = f.read(_MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise CacheError(f"{path}: unreadable ({e}).") from None
+    if len(content) > _MAX_MANIFEST_BYTES:
+        raise CacheError(f"{path}: over {_MAX_MANIFEST_BYTES} bytes; not a manifest.")
+    try:
+        return json.loads(content.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError
+        raise CacheError(f"{path}: unreadable ({e}).") from None
+
+
+def _check_npy(file: str, nbytes: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Checks that ``file`` is a regular ``.npy`` file of ``nbytes`` bytes holding
+    a C-order ``dtype`` array of ``shape`` (reads its header only)."""
+    try:
+        fd = _open_regular(file)
+    except FileNotFoundError:
+        raise CacheError(
+            f"{file}: missing; the manifest says {nbytes} bytes."
+        ) from None
+    except UnsafeFileError as e:
+        raise CacheError(str(e)) from None
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != nbytes:
+            raise CacheError(f"{file}: {size} bytes; the manifest says {nbytes} bytes.")
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            file_shape, fortran, file_dtype = read_header(f)
+        except (ValueError, OSError) as e:
+            raise CacheError(f"{file}: not a readable .npy file ({e}).") from None
+        data_start = f.tell()
+    if tuple(file_shape) != shape:
+        axes = "(rows, columns)" if len(shape) == 2 else "(rows,)"
+        raise CacheError(
+            f"{file}: the file holds an array of shape {tuple(file_shape)}; the "
+            f"manifest says {shape} {axes}."
+        )
+    if file_dtype != dtype or fortran:
+        raise CacheError(
+            f"{file}: holds {file_dtype} ({'Fortran' if fortran else 'C'} order); "
+            f"expected C-order {np.dtype(dtype)}."
+        )
+    expected = data_start + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if size != expected:
+        raise CacheError(
+            f"{file}: {size} bytes, but its header ({shape} {np.dtype(dtype)}) "
+            f"needs {expected}."
+        )
 
 
 class CachedFeatures:
     """One complete, checked cache entry: the ``[N, D]`` features of one split.
 
-    Opening checks the manifest and the file sizes (cheap); reading a shard
-    checks its CRC-32 (one pass over bytes that are read anyway).
+    Opening checks the manifest's structure and every file against it
+    (regular file, size, ``.npy`` header shape and dtype: cheap, headers
+    only); reading a shard checks its CRC-32 (one pass over bytes that are
+    read anyway) and its shape.
 
     Example:
         >>> entry = cache.get_or_build({"pre_logits": spec}, build)["pre_logits"]
@@ -175,43 +514,44 @@ class CachedFeatures:
             spec: if given, the manifest's spec must equal it.
 
         Raises:
-            CacheError: missing/unreadable manifest, other format version,
-                different spec, or a missing file or one of the wrong size.
+            CacheError: missing/unreadable manifest, one of the wrong
+                structure (the message names the field and the expected
+                form), other format version, different spec, or a file that
+                is missing, not a regular file, of the wrong size, or whose
+                header holds another shape than the manifest (e.g. a wrong
+                row count).
         """
         self.path = os.fspath(path)
         manifest_path = os.path.join(self.path, MANIFEST)
-        try:
-            with open(manifest_path) as f:
-                manifest = json.load(f)
-        except FileNotFoundError:
-            raise CacheError(
-                f"{self.path}: no {MANIFEST} (incomplete entry)."
-            ) from None
-        except (OSError, ValueError) as e:
-            raise CacheError(f"{manifest_path}: unreadable ({e}).") from None
-        if manifest.get("version") != FORMAT_VERSION:
-            raise CacheError(
-                f"{manifest_path}: format version {manifest.get('version')!r}; "
-                f"expected {FORMAT_VERSION}."
-            )
-        if spec is not None and canonical_json(manifest.get("spec")) != canonical_json(
+        manifest = _read_manifest(manifest_path)
+        _check_manifest(manifest, manifest_path)
+        if spec is not None and canonical_json(manifest["spec"]) != canonical_json(
             spec
         ):
             raise CacheError(f"{manifest_path}: written for a different spec.")
-        for name, info in [(LABELS, manifest["labels"]), *manifest["shards"]]:
-            file = os.path.join(self.path, name)
-            size = os.path.getsize(file) if os.path.isfile(file) else None
-            if size != info["bytes"]:
-                raise CacheError(
-                    f"{file}: {'missing' if size is None else f'{size} bytes'}; "
-                    f"the manifest says {info['bytes']} bytes."
-                )
+        num_examples, dim = manifest["num_examples"], manifest["dim"]
+        # Against the files themselves: a wrong row count would pair rows
+        # with the wrong labels in the streamed path.
+        _check_npy(
+            os.path.join(self.path, LABELS),
+            manifest["labels"]["bytes"],
+            (num_examples,),
+            np.dtype(np.int32),
+        )
+        for name, info in manifest["shards"]:
+            _check_npy(
+                os.path.join(self.path, name),
+                info["bytes"],
+                (info["rows"], dim),
+                np.dtype(np.float32),
+            )
         self.manifest = manifest
         self.spec = manifest["spec"]
-        self.num_examples = int(manifest["num_examples"])
-        self.dim = int(manifest["dim"])
+        self.num_examples = int(num_examples)
+        self.dim = int(dim)
         self._shards = [(name, info) for name, info in manifest["shards"]]
         self.shard_rows = [int(info["rows"]) for _, info in self._shards]
+        self._starts = list(itertools.accumulate(self.shard_rows, initial=0))
         self._labels: np.ndarray | None = None
         self._verified: set[str] = set()
 
@@ -225,30 +565,55 @@ class CachedFeatures:
         """Bytes of the float32 feature matrix (``4 N D``)."""
         return 4 * self.num_examples * self.dim
 
-    def _read(self, name: str, info: Mapping[str, int]) -> np.ndarray:
+    def _read(
+        self,
+        name: str,
+        info: Mapping[str, int],
+        shape: tuple[int, ...],
+        dtype: type[np.generic],
+    ) -> np.ndarray:
         """Loads a file; its CRC-32 is checked the first time this object reads it.
 
         A streamed probe reads every shard at every objective evaluation;
         re-checking the CRC each time would cost about as much as the read.
+        The file must still be a regular file (never a link or a device), is
+        read at most to its recorded size, and must hold ``shape``/``dtype``.
         """
         file = os.path.join(self.path, name)
-        if name in self._verified:
-            array = np.load(file, allow_pickle=False)
-            if os.path.getsize(file) != info["bytes"]:
-                raise CacheError(f"{file}: size changed while in use.")
-            return array
-        with open(file, "rb") as f:
-            content = f.read()
-        if len(content) != info["bytes"] or zlib.crc32(content) != info["crc32"]:
-            raise CacheError(f"{file}: CRC-32 mismatch (corrupt file).")
+        try:
+            fd = _open_regular(file)
+        except FileNotFoundError:
+            raise CacheError(f"{file}: missing (removed while in use).") from None
+        except UnsafeFileError as e:
+            raise CacheError(str(e)) from None
+        with os.fdopen(fd, "rb") as f:
+            if name in self._verified:
+                if os.fstat(f.fileno()).st_size != info["bytes"]:
+                    raise CacheError(f"{file}: size changed while in use.")
+                array = np.load(f, allow_pickle=False)
+            else:
+                content = f.read(info["bytes"] + 1)
+                if (
+                    len(content) != info["bytes"]
+                    or zlib.crc32(content) != info["crc32"]
+                ):
+                    raise CacheError(f"{file}: CRC-32 mismatch (corrupt file).")
+                array = np.load(io.BytesIO(content), allow_pickle=False)
+        if array.shape != shape or array.dtype != dtype:
+            raise CacheError(
+                f"{file}: holds {array.dtype} {array.shape}; the manifest says "
+                f"{np.dtype(dtype)} {shape}."
+            )
         self._verified.add(name)
-        return np.load(io.BytesIO(content), allow_pickle=False)
+        return array
 
     @property
     def labels(self) -> np.ndarray:
         """int32 ``[N]`` labels (read and checked once)."""
         if self._labels is None:
-            self._labels = self._read(LABELS, self.manifest["labels"])
+            self._labels = self._read(
+                LABELS, self.manifest["labels"], (self.num_examples,), np.int32
+            )
         return self._labels
 
     def shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -256,13 +621,13 @@ class CachedFeatures:
 
         Raises:
             IndexError: bad index.
-            CacheError: the shard's bytes fail their CRC-32.
+            CacheError: the shard's bytes fail their CRC-32 or its shape.
         """
         if not 0 <= index < self.num_shards:
             raise IndexError(f"shard {index} of {self.num_shards}.")
         name, info = self._shards[index]
-        x = self._read(name, info)
-        start = sum(self.shard_rows[:index])
+        x = self._read(name, info, (self.shard_rows[index], self.dim), np.float32)
+        start = self._starts[index]
         return x, self.labels[start : start + x.shape[0]]
 
     def iter_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -287,9 +652,10 @@ class CachedFeatures:
             CacheError: on the first corrupt file.
         """
         self._verified.clear()
-        self._read(LABELS, self.manifest["labels"])
-        for name, info in self._shards:
-            self._read(name, info)
+        self._labels = None
+        _ = self.labels  # reads and checks labels.npy
+        for index in range(self.num_shards):
+            self.shard(index)
 
 
 class _EntryWriter:
@@ -297,7 +663,7 @@ class _EntryWriter:
 
     def __init__(self, path: str, spec: Mapping[str, Any], shard_bytes: int):
         self.path, self.spec, self.shard_bytes = path, spec, shard_bytes
-        os.makedirs(path)
+        os.mkdir(path)  # exclusive: fails if anything is already there
         self.pending: list[np.ndarray] = []
         self.pending_rows = 0
         self.shards: list[tuple[str, dict[str, int]]] = []
@@ -329,33 +695,41 @@ class _EntryWriter:
             self.pending_rows = len(rest)
 
     def _write_shard(self, block: np.ndarray) -> None:
-        name = f"shard-{len(self.shards):05d}.npy"
+        name = _SHARD_NAME.format(len(self.shards))
         info = _save_npy(os.path.join(self.path, name), block)
         info["rows"] = int(len(block))
         self.shards.append((name, info))
 
     def finish(self, labels: np.ndarray) -> None:
+        if self.num_examples == 0:
+            raise ValueError(
+                f"no examples to cache for dataset {self.spec.get('dataset', '?')!r},"
+                f" split {self.spec.get('split', '?')!r} (endpoint "
+                f"{self.spec.get('endpoint', '?')!r}): the split is empty."
+            )
         if self.pending_rows:
             self._write_shard(np.concatenate(self.pending))
             self.pending, self.pending_rows = [], 0
-        if self.num_examples == 0:
-            raise ValueError("no examples: the split is empty.")
+        labels_info = _save_npy(os.path.join(self.path, LABELS), labels)
+        _fsync_dir(self.path)
+        faults.point("cache.shards_written")
         manifest = {
             "version": FORMAT_VERSION,
             "spec": json.loads(canonical_json(self.spec)),
             "num_examples": self.num_examples,
             "dim": self.dim,
-            "labels": _save_npy(os.path.join(self.path, LABELS), labels),
+            "labels": labels_info,
             "shards": self.shards,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        tmp = os.path.join(self.path, MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(self.path, MANIFEST))
+        path = os.path.join(self.path, MANIFEST)
+        data = json.dumps(manifest, indent=1).encode()
+        try:
+            files.write_atomic(path, data, fsync=True)
+        except OSError as e:
+            raise _write_error(path, len(data), 0, e) from e
         _fsync_dir(self.path)
+        faults.point("cache.manifest_written")
 
 
 class FeatureCache:
@@ -420,7 +794,11 @@ class FeatureCache:
 
     @contextlib.contextmanager
     def _locked(self, key: str):
-        fd = os.open(os.path.join(self.root, key + ".lock"), os.O_RDWR | os.O_CREAT)
+        fd = os.open(
+            os.path.join(self.root, key + ".lock"),
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o666,
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -465,8 +843,12 @@ class FeatureCache:
 
         Raises:
             ValueError: a batch lacks an endpoint, has rows that do not match
-                its labels, a non-finite value, or the split is empty.
+                its labels, a non-finite value, or the split is empty (the
+                message names the spec's dataset and split).
             CacheError: an entry written by this call fails its own check.
+            CacheWriteError: a write failed (a full disk: the message says so,
+                with the file and its size); nothing was committed and the
+                entries already cached are untouched.
         """
         keys = {name: spec_key(spec) for name, spec in specs.items()}
         if len(set(keys.values())) != len(keys):
@@ -497,7 +879,8 @@ class FeatureCache:
         return {name: found[name] for name in specs}
 
     def _build(self, specs, keys, names, build) -> dict[str, CachedFeatures]:
-        nonce = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # Unpredictable: nobody can prepare a file or link at this path.
+        nonce = f"{os.getpid()}-{secrets.token_hex(8)}"
         writers = {
             name: _EntryWriter(
                 os.path.join(self.root, f"{keys[name]}.partial-{nonce}"),
@@ -542,6 +925,7 @@ class FeatureCache:
                 final = os.path.join(self.root, keys[name])
                 os.rename(writer.path, final)
                 _fsync_dir(self.root)
+                faults.point("cache.entry_committed")
                 out[name] = CachedFeatures(final, specs[name])
                 _logger.info(
                     "Feature cache: wrote %s (%s, %d x %d, %d shards) in %.1fs.",

@@ -49,9 +49,15 @@ Why the solver looks like this:
     optimum the line search compares values that differ below float32's
     rounding of that sum. In float32 the search then stalls before a gradient
     tolerance of 1e-6 is met: TFP either sets ``failed`` or takes a zero step,
-    which it reports as ``converged`` (its ``x_tolerance`` is 0), so check
-    ``gradient_max`` too. ``dtype=tf.float32`` halves memory for large feature
-    matrices; use a looser ``tolerance`` (~1e-4) with it.
+    which it reports as ``converged`` (its ``x_tolerance`` is 0). Every
+    solver here reports ``converged`` only when the gradient test holds at
+    the returned point (``_honest_flags``); a zero step is ``failed``.
+    ``dtype=tf.float32`` halves memory for large feature matrices; use a
+    looser ``tolerance`` (~1e-4) with it.
+  * badly scaled features (``max |x|`` above ``BADLY_SCALED_MAX_ABS``) make
+    the line search stall at the start; a fit that does not converge on them
+    logs a warning that says so (``warn_if_badly_scaled``). The sweeps
+    standardize by default.
   * one compiled ``tf.function`` per dtype, with an ``input_signature`` whose
     shapes are all unknown and with ``l2``, the tolerance and the iteration cap
     passed as tensors: a whole L2 sweep over several endpoints traces once.
@@ -165,10 +171,14 @@ class ProbeFit(ProbeParams):
         iterations: L-BFGS iterations (TFP ``num_iterations``).
         function_evaluations: objective+gradient evaluations
             (TFP ``num_objective_evaluations``).
-        converged: TFP ``converged``: ``gradient_max <= tolerance`` (or the
-            position stopped moving).
-        failed: TFP ``failed``: the line search found no acceptable step. With
-            ``converged`` False and ``failed`` False, ``max_iterations`` was hit.
+        converged: the gradient test holds at the returned position:
+            ``loss`` and the gradient finite and ``gradient_max <=
+            tolerance``. (TFP also calls a step that stopped moving
+            ``converged``; here that is ``failed``.)
+        failed: the solver stopped before the gradient test held: the line
+            search found no acceptable step, a step moved nothing, or a value
+            was not finite. With ``converged`` False and ``failed`` False,
+            ``max_iterations`` was hit.
         seconds: wall time of the solve (includes tracing on first use).
         solver: ``"lbfgs"`` or ``"tfp"`` (see ``SOLVERS``).
         line_search_evaluations: line-search trials of the ``"lbfgs"`` solver
@@ -270,8 +280,8 @@ class SweepPoint:
         val_top1: top-1 accuracy on the validation split, in [0, 1].
         loss: final objective ``J`` on the training split.
         iterations: L-BFGS iterations of this fit.
-        converged: TFP ``converged`` flag.
-        failed: TFP ``failed`` flag.
+        converged: ``ProbeFit.converged`` (gradient test at the returned point).
+        failed: ``ProbeFit.failed``.
         seconds: wall time of this fit.
     """
 
@@ -514,6 +524,25 @@ def _compiled_objective(dtype: tf.DType):
     return objective
 
 
+def _honest_flags(value, gradient, tolerance, converged, failed):
+    """``(converged, failed)`` judged at the returned point only.
+
+    TFP (and the logit solver, which mirrors it) also stops when a step does
+    not move the position or the objective (``x_tolerance`` and
+    ``f_relative_tolerance`` are 0) and calls that ``converged``; on badly
+    scaled features that happens at the starting point with a gradient of
+    1e17. Here ``converged`` means the gradient test holds at the returned
+    point: every value finite and ``max |gradient| <= tolerance``. A stop for
+    any other reason (no progress, a non-finite value) is ``failed``;
+    ``max_iterations`` reached leaves both False, as before.
+
+    Shapes: ``value`` ``[]``, ``gradient`` ``[P]``; returns two bool scalars.
+    """
+    finite = tf.math.is_finite(value) & tf.reduce_all(tf.math.is_finite(gradient))
+    holds = finite & (tf.reduce_max(tf.abs(gradient)) <= tolerance)
+    return holds, failed | ~finite | (converged & ~holds)
+
+
 @functools.cache
 def _compiled_solver(dtype: tf.DType):
     """``tf.function`` running ``tfp.optimizer.lbfgs_minimize``; one trace per dtype.
@@ -536,14 +565,22 @@ def _compiled_solver(dtype: tf.DType):
             max_iterations=max_iterations,
             max_line_search_iterations=_MAX_LINE_SEARCH_ITERATIONS,
         )
+        gradient_max = tf.reduce_max(tf.abs(result.objective_gradient))
+        converged, failed = _honest_flags(
+            result.objective_value,
+            result.objective_gradient,
+            tolerance,
+            result.converged,
+            result.failed,
+        )
         return {
             "position": result.position,
             "loss": result.objective_value,
-            "gradient_max": tf.reduce_max(tf.abs(result.objective_gradient)),
+            "gradient_max": gradient_max,
             "iterations": result.num_iterations,
             "function_evaluations": result.num_objective_evaluations,
-            "converged": result.converged,
-            "failed": result.failed,
+            "converged": converged,
+            "failed": failed,
         }
 
     return solve
@@ -732,6 +769,7 @@ def _build_logit_solver(dtype: tf.DType, xla_product: bool, preconditioned: bool
             lambda: logits(position),
         )
         f0, g0, sup0 = value_and_gradient(position, z0)
+        finite0 = tf.math.is_finite(f0) & tf.reduce_all(tf.math.is_finite(g0))
         empty = tf.zeros([memory, tf.size(position)], dtype)
         state = {
             "iterations": tf.constant(0),
@@ -745,13 +783,17 @@ def _build_logit_solver(dtype: tf.DType, xla_product: bool, preconditioned: bool
             "y": empty,
             "pairs": tf.constant(0),
             "gradient_max": sup0,
-            "converged": sup0 <= tolerance,
-            "failed": ~(tf.math.is_finite(f0) & tf.reduce_all(tf.math.is_finite(g0))),
+            "converged": finite0 & (sup0 <= tolerance),
+            "stalled": tf.constant(False),
+            "failed": ~finite0,
         }
 
         def cond(st):
             return (
-                ~st["converged"] & ~st["failed"] & (st["iterations"] < max_iterations)
+                ~st["converged"]
+                & ~st["stalled"]
+                & ~st["failed"]
+                & (st["iterations"] < max_iterations)
             )
 
         def body(st):
@@ -794,11 +836,12 @@ def _build_logit_solver(dtype: tf.DType, xla_product: bool, preconditioned: bool
                 return tf.concat([queue[1:], vec[None]], axis=0)
 
             finite = tf.math.is_finite(new_f) & tf.reduce_all(tf.math.is_finite(new_g))
-            converged = (
-                (new_sup <= tolerance)
-                | tf.reduce_all(tf.equal(s, 0))  # TFP: x_tolerance = 0
-                | tf.equal(new_f, f)  # TFP: f_relative_tolerance = 0
-            )
+            # Only the gradient test is convergence. A step that moved
+            # nothing stops the loop as TFP does (x_tolerance and
+            # f_relative_tolerance = 0), but it is a failure unless the test
+            # holds (``_honest_flags``).
+            converged = finite & (new_sup <= tolerance)
+            stalled = tf.reduce_all(tf.equal(s, 0)) | tf.equal(new_f, f)
             return (
                 {
                     "iterations": iterations,
@@ -812,7 +855,8 @@ def _build_logit_solver(dtype: tf.DType, xla_product: bool, preconditioned: bool
                     "s": tf.cond(push, lambda: pushed(st["s"], s), lambda: st["s"]),
                     "y": tf.cond(push, lambda: pushed(st["y"], y), lambda: st["y"]),
                     "pairs": st["pairs"] + tf.cast(push, tf.int32),
-                    "converged": converged & finite,
+                    "converged": converged,
+                    "stalled": stalled,
                     "failed": ~finite | (~ls.converged & ~converged),
                 },
             )
@@ -826,7 +870,7 @@ def _build_logit_solver(dtype: tf.DType, xla_product: bool, preconditioned: bool
             "function_evaluations": final["evaluations"],
             "line_search_evaluations": final["line_evaluations"],
             "converged": final["converged"],
-            "failed": final["failed"],
+            "failed": final["failed"] | (final["stalled"] & ~final["converged"]),
         }
 
     return solve
@@ -926,6 +970,14 @@ def _solve(
         theta[:-1] = (precond @ tf.constant(theta[:-1])).numpy()
     seconds = time.perf_counter() - start
     bias = theta[-1]
+    if not bool(out["converged"]):
+        warn_if_badly_scaled(
+            float(tf.reduce_max(tf.abs(features))),
+            gradient_max=float(out["gradient_max"]),
+            tolerance=tolerance,
+            iterations=int(out["iterations"]),
+            l2=l2,
+        )
     return ProbeFit(
         weights=theta[:-1],
         # Centre the bias: J is flat along b -> b + c 1 (module docstring).
@@ -941,6 +993,44 @@ def _solve(
         solver=solver,
         line_search_evaluations=int(out.get("line_search_evaluations", 0)),
     )
+
+
+# Above this magnitude a feature is "badly scaled": logits of unit weights
+# exceed 1e4 and the line search's steps underflow against the first gradient.
+# Raw pixels (0..255) and standardized features are far below it.
+BADLY_SCALED_MAX_ABS = 1e4
+
+
+def warn_if_badly_scaled(
+    max_abs: float, *, gradient_max: float, tolerance: float, iterations: int, l2: float
+) -> bool:
+    """Logs a warning for a fit that did not converge on badly scaled features.
+
+    Called for every fit that did not converge (the whole-batch and the
+    sharded path); healthy fits never pay for the ``max |x|`` pass.
+
+    Args:
+        max_abs: ``max |x|`` over the ``[N, D]`` features the solver saw.
+        gradient_max, tolerance, iterations, l2: of the fit, for the message.
+
+    Returns:
+        Whether ``max_abs`` exceeds ``BADLY_SCALED_MAX_ABS`` (warning logged).
+    """
+    if not max_abs > BADLY_SCALED_MAX_ABS:
+        return False
+    logging.warning(
+        "L-BFGS did not converge at l2 %.1e (max |dJ/dTheta| = %.3g > tolerance "
+        "%.1e after %d iterations): the features are badly scaled (max |x| = "
+        "%.3g > %.0e). Standardize them (lbfgs.Standardizer, or the sweeps' "
+        "standardize=True, the probe's default).",
+        l2,
+        gradient_max,
+        tolerance,
+        iterations,
+        max_abs,
+        BADLY_SCALED_MAX_ABS,
+    )
+    return True
 
 
 def _top1(params: ProbeParams, features: tf.Tensor, labels: np.ndarray) -> float:
@@ -1097,7 +1187,9 @@ def fit_logistic_regression(
             ``_PRECONDITION_MAX_DIM`` = 4096 features.
 
     Returns:
-        A ``ProbeFit``; check ``converged``/``failed``.
+        A ``ProbeFit``; check ``converged``/``failed``. A fit that did not
+        converge on badly scaled features (``max |x| > 1e4``) logs a warning
+        suggesting standardization.
 
     Raises:
         ValueError: on malformed inputs (rank, N mismatch, non-integer or

@@ -341,6 +341,18 @@ class ShardedObjective:
             total_grad += grad
         return total_value, total_grad
 
+    def max_abs_feature(self) -> float:
+        """``max |x|`` over the features the objective sees (standardized if it
+        standardizes): one pass over the shards."""
+        mean = self._mean.numpy().astype(np.float64)
+        scale = self._scale.numpy().astype(np.float64)
+        out = 0.0
+        for x, _ in self.source.iter_shards():
+            if len(x):
+                z = (np.asarray(x, np.float64) - mean) / scale
+                out = max(out, float(np.max(np.abs(z))))
+        return out
+
     def __call__(self, position: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """``(J, dJ/dTheta)`` at the flat position ``[(D+1) C]``."""
         self.evaluations += 1
@@ -437,7 +449,10 @@ def fit_sharded(
         initial: warm start (``ProbeParams`` of shape ``[D, C]``/``[C]``).
 
     Returns:
-        ``lbfgs.ProbeFit`` (``solver="tfp_sharded"``), bias centred.
+        ``lbfgs.ProbeFit`` (``solver="tfp_sharded"``), bias centred;
+        ``converged`` only if the gradient test holds at the returned point
+        (``lbfgs.ProbeFit``). A fit that did not converge on badly scaled
+        features logs a warning (``lbfgs.warn_if_badly_scaled``).
 
     Raises:
         ValueError: bad ``max_iterations``, ``tolerance`` or ``initial``.
@@ -460,6 +475,19 @@ def fit_sharded(
         max_line_search_iterations=lbfgs._MAX_LINE_SEARCH_ITERATIONS,
     )
     theta = result.position.numpy().reshape(dim + 1, num_classes)
+    gradient_max = float(tf.reduce_max(tf.abs(result.objective_gradient)))
+    # Judged at the returned point only (lbfgs._honest_flags): TFP's own flag
+    # also counts a step that moved nothing.
+    converged, failed = (
+        bool(flag)
+        for flag in lbfgs._honest_flags(
+            result.objective_value,
+            result.objective_gradient,
+            tf.constant(tolerance, result.objective_value.dtype),
+            result.converged,
+            result.failed,
+        )
+    )
     seconds = time.perf_counter() - start
     _logger.info(
         "Sharded L-BFGS l2 %.1e: %d iterations, %d evaluations of %d shards, %.1fs.",
@@ -469,16 +497,24 @@ def fit_sharded(
         objective.source.num_shards,
         seconds,
     )
+    if not converged:
+        lbfgs.warn_if_badly_scaled(
+            objective.max_abs_feature(),
+            gradient_max=gradient_max,
+            tolerance=tolerance,
+            iterations=int(result.num_iterations),
+            l2=objective.l2,
+        )
     return lbfgs.ProbeFit(
         weights=theta[:-1],
         bias=theta[-1] - theta[-1].mean(),
         l2=objective.l2,
         loss=float(result.objective_value),
-        gradient_max=float(tf.reduce_max(tf.abs(result.objective_gradient))),
+        gradient_max=gradient_max,
         iterations=int(result.num_iterations),
         function_evaluations=int(result.num_objective_evaluations),
-        converged=bool(result.converged),
-        failed=bool(result.failed),
+        converged=converged,
+        failed=failed,
         seconds=seconds,
         solver="tfp_sharded",
     )

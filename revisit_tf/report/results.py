@@ -17,6 +17,14 @@ that is complete JSON only lacking its newline gets the newline; anything else
 is truncated, with a warning), so a torn line is never followed by valid ones;
 ``read_results`` skips a torn last line with a warning and rejects any other
 malformed line, naming the file and the 1-based line number.
+
+Field types. ``read_results`` also checks the top-level fields the tables
+print as numbers (``NUMERIC_FIELDS`` and every key ending in ``top1``/``top5``,
+which must be fractions in [0, 1]) and ``converged`` (a bool): each must have
+its type or be null. A wrong type is rejected, naming file, line and field,
+rather than shown: the probe writes only numbers there, so a string such as
+``"0.84"`` means a hand-edited or foreign line, and printed verbatim under a
+``test top-1 (%)`` header it would read as 0.84%.
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 RESULTS_RELPATH = os.path.join("probe", "results.jsonl")
+# Top-level fields that are numbers (or null) in every result row; keys ending
+# in top1/top5 are accuracies, also numbers (fractions in [0, 1]).
+NUMERIC_FIELDS = ("l2", "iterations", "n_train", "n_val", "n_test", "seconds")
+BOOL_FIELDS = ("converged",)
 
 _logger = logging.getLogger(__name__)
 
@@ -123,12 +135,14 @@ def append_result(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
 
     Raises:
         ValueError: if ``row`` is not a mapping, has a non-string key, a
-            non-finite float or a value that cannot be serialised (the message
-            names the key).
+            non-finite float, a value that cannot be serialised or a field of
+            the wrong type (``check_row_types``); the message names the key.
     """
     if not isinstance(row, Mapping):
         raise ValueError(f"row must be a mapping (dict); got {type(row).__name__}.")
-    line = json.dumps(_to_json(row, "row"), allow_nan=False) + "\n"
+    converted = _to_json(row, "row")
+    check_row_types(converted, f"row for {os.fspath(path)}")
+    line = json.dumps(converted, allow_nan=False) + "\n"
     data = line.encode("utf-8")  # json.dumps escapes non-ASCII: one line only
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
@@ -149,6 +163,49 @@ def append_result(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _is_accuracy(key: str) -> bool:
+    return key.endswith(("top1", "top5"))
+
+
+def check_row_types(row: Mapping[str, Any], where: str) -> None:
+    """Checks the types of a row's numeric and bool fields (module docstring).
+
+    Args:
+        row: one parsed result row.
+        where: how to name the row in errors, e.g. ``"<file>:<line>"``.
+
+    Raises:
+        ValueError: ``"<where>: field 'test_top1' is '0.84' (str); expected a
+            number (a fraction in [0, 1]) or null."`` and the like.
+    """
+    for key, value in row.items():
+        if value is None:
+            continue
+        accuracy = _is_accuracy(key)
+        if accuracy or key in NUMERIC_FIELDS:
+            expected = (
+                "a number (a fraction in [0, 1]) or null"
+                if accuracy
+                else "a number or null"
+            )
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not math.isfinite(value):
+                raise ValueError(
+                    f"{where}: field {key!r} is {value!r} ({type(value).__name__});"
+                    f" expected {expected}."
+                )
+            if accuracy and not 0.0 <= value <= 1.0:
+                raise ValueError(
+                    f"{where}: field {key!r} is {value!r}; expected a fraction "
+                    "in [0, 1] (accuracies are stored as fractions, not percent)."
+                )
+        elif key in BOOL_FIELDS and not isinstance(value, bool):
+            raise ValueError(
+                f"{where}: field {key!r} is {value!r} ({type(value).__name__}); "
+                "expected true, false or null."
+            )
 
 
 def _read_file(path: str) -> list[dict]:
@@ -185,6 +242,7 @@ def _read_file(path: str) -> list[dict]:
                 f"{path}:{number}: expected a JSON object per line; got "
                 f"{type(row).__name__}."
             )
+        check_row_types(row, f"{path}:{number}")
         rows.append(row)
     return rows
 
@@ -204,7 +262,9 @@ def read_results(paths: Sequence[str | os.PathLike]) -> list[dict]:
         FileNotFoundError: for a path that is neither a file nor a directory
             with ``probe/results.jsonl``.
         ValueError: for a malformed line (message ``<file>:<line>: ...``), a
-            line that is not a JSON object, or ``paths`` given as one string.
+            line that is not a JSON object, a field of the wrong type
+            (``<file>:<line>: field 'test_top1' is '0.84' ...``, see
+            ``check_row_types``), or ``paths`` given as one string.
     """
     if isinstance(paths, str | bytes | os.PathLike):
         raise ValueError(f"paths must be a sequence of paths; got {paths!r}.")

@@ -14,6 +14,12 @@ Formatting is driven by the column key, so every table prints numbers alike:
   * ``seconds`` with one decimal; other floats with 4 significant digits;
   * bools as ``yes``/``no``; a missing value or None as ``-`` (the paper's
     mark for "not reported").
+
+A value that is not a number (a string, a bool, a list) in a number column
+(accuracies, ``l2``, ``seconds``) is an error naming the row and the field,
+never a cell: ``"0.84"`` shown verbatim under ``test top-1 (%)`` would read
+as 0.84%. (``results.read_results`` rejects such rows already, naming file and
+line.)
 """
 
 from __future__ import annotations
@@ -40,6 +46,14 @@ def _is_accuracy(key: str) -> bool:
     return key.endswith(("top1", "top5"))
 
 
+def _is_number_column(key: str) -> bool:
+    return (
+        _is_accuracy(key)
+        or key in ("l2", "seconds")
+        or key.endswith(("_l2", "_seconds"))
+    )
+
+
 def format_value(key: str, value: Any) -> str:
     """Formats one cell; the rules are in the module docstring.
 
@@ -51,12 +65,19 @@ def format_value(key: str, value: Any) -> str:
         The cell text, with ``|`` escaped so it cannot break the table.
 
     Raises:
-        ValueError: for an accuracy outside [0, 1] or a non-finite accuracy.
+        ValueError: for an accuracy outside [0, 1] or a non-finite accuracy,
+            or a non-number (string, bool, ...) in a number column.
     """
     if hasattr(value, "item") and callable(value.item):  # NumPy scalar
         value = value.item()
     if value is None:
         return _MISSING
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not is_number and _is_number_column(key):
+        raise ValueError(
+            f"{key} must be a number; got {value!r} ({type(value).__name__}). "
+            "A non-number is never printed in a number column."
+        )
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int | float):
@@ -116,8 +137,14 @@ def markdown_table(
         )
         rule.append("---:" if numeric else "---")
     lines = [header, "| " + " | ".join(rule) + " |"]
-    for row in rows:
-        cells = [format_value(key, row.get(key)) for key, _ in columns]
+    for index, row in enumerate(rows):
+        try:
+            cells = [format_value(key, row.get(key)) for key, _ in columns]
+        except ValueError as e:
+            who = ", ".join(
+                f"{k} {row[k]!r}" for k in ("model", "endpoint") if k in row
+            )
+            raise ValueError(f"row {index}{f' ({who})' if who else ''}: {e}") from None
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
