@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from revisit_tf.pp import rng as pp_rng
+
 SourceLike = tf.data.Dataset | Callable[[], tf.data.Dataset]
 PreprocessFn = Callable[[dict], dict]
 
@@ -91,8 +93,20 @@ def make_train_dataset(
     seed: int | None = None,
     cache: bool = False,
     batch_preprocess_fn: PreprocessFn | None = None,
+    start_step: int = 0,
 ) -> tf.data.Dataset:
     """Builds the endless, shuffled training pipeline of one input pipeline.
+
+    With a ``seed`` the stream is a pure function of its position (exact
+    resume): epoch ``e`` of this pipeline is its shard shuffled with a seed
+    derived from ``(seed, e)``, and every example is preprocessed with
+    stateless randomness seeded by ``(seed, pipeline, e, index in epoch)``
+    (``pp.rng``); every batch for ``batch_preprocess_fn`` by ``(seed,
+    pipeline, batch index)``. ``start_step=s`` then yields exactly the
+    batches that the pipeline built with ``start_step=0`` yields from its
+    ``s``-th global step on (whole epochs are skipped without reading them;
+    at most one epoch of raw examples is read and dropped). Without a seed,
+    order and augmentation are random and a resumed stream restarts.
 
     Args:
       source: Dataset of ``{"image", "label"}`` examples, or a zero-argument
@@ -104,15 +118,19 @@ def make_train_dataset(
         one pipeline and one replica.
       shuffle_buffer: Example-level shuffle buffer; 10,000 as the reference
         (section 2, step 3).
-      seed: Shuffle seed. With a seed the pipeline is fully deterministic
-        (given a deterministic ``preprocess_fn``); without one, ``map`` may
-        reorder elements for speed.
+      seed: The stream's seed (order and augmentation). With a seed the
+        pipeline is a deterministic function of (seed, position); without
+        one, ``map`` may also reorder elements for speed.
       cache: Cache the (sharded, not preprocessed) source in memory after the
         first epoch; for sources that fit in RAM.
       batch_preprocess_fn: ``dict -> dict`` applied to every per-replica
         batch (leaves ``[per_replica_batch_size, ...]``), for per-batch
         randomness such as the Jigsaw permutation subset that the reference
         shares among all images of a (per-replica) batch (reference 4.3).
+      start_step: the global step the stream starts at (a resumed run):
+        this pipeline's share of ``start_step * global_batch_size`` examples
+        is skipped. Needs a ``seed`` (without one nothing could be
+        reproduced, so a nonzero ``start_step`` is an error).
 
     Returns:
       An infinite dataset of dicts whose leaves are ``[per_replica_batch_size,
@@ -131,27 +149,62 @@ def make_train_dataset(
         raise ValueError(f"shuffle_buffer must be an int, got {shuffle_buffer!r}.")
     if shuffle_buffer < 1:
         raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}.")
+    if (
+        isinstance(start_step, bool)
+        or not isinstance(start_step, int)
+        or start_step < 0
+    ):
+        raise ValueError(f"start_step must be an int >= 0, got {start_step!r}.")
+    if start_step and seed is None:
+        raise ValueError(
+            f"start_step={start_step} needs a seed: an unseeded stream cannot be "
+            "positioned (pass seed=, as pretrain always does)."
+        )
     ds = _shard(_materialize(source), input_context)
     if cache:
         ds = ds.cache()
-    # Shuffle BEFORE repeat (as big_vision input_pipeline.py make_for_train):
-    # every example of an epoch is seen before any example of the next one,
-    # which matters when training for few epochs. After repeat, a buffer
-    # larger than the dataset would mix epochs and show some examples twice
-    # before others once. reshuffle_each_iteration gives each epoch its own
-    # order.
-    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.repeat()
-    ds = ds.map(
-        preprocess_fn,
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=seed is not None,
-    )
+    if seed is None:
+        # Shuffle BEFORE repeat (as big_vision input_pipeline.py
+        # make_for_train): every example of an epoch is seen before any
+        # example of the next one, which matters when training for few
+        # epochs. After repeat, a buffer larger than the dataset would mix
+        # epochs and show some examples twice before others once.
+        # reshuffle_each_iteration gives each epoch its own order.
+        ds = ds.shuffle(shuffle_buffer, reshuffle_each_iteration=True).repeat()
+        ds = ds.map(
+            preprocess_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+        )
+    else:
+        ds = _positioned_stream(
+            ds,
+            preprocess_fn,
+            shuffle_buffer=shuffle_buffer,
+            base_seed=_pipeline_seed(seed, input_context.input_pipeline_id),
+            start_example=start_step
+            * per_replica_batch_size
+            * _replicas_per_pipeline(input_context),
+        )
     # drop_remainder: a static batch dimension, needed on TPU and by ops that
     # slice the batch in Python (reference 11.2 item 8; style guide 4.3).
     ds = ds.batch(per_replica_batch_size, drop_remainder=True)
     if batch_preprocess_fn is not None:
-        ds = ds.map(batch_preprocess_fn, num_parallel_calls=tf.data.AUTOTUNE)
+        if seed is None:
+            ds = ds.map(batch_preprocess_fn, num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            start_batch = start_step * _replicas_per_pipeline(input_context)
+            batch_seed = tf.random.experimental.stateless_fold_in(
+                _pipeline_seed(seed, input_context.input_pipeline_id), -1
+            )
+
+            def seeded_batch_pp(index, batch):
+                with pp_rng.seeded(
+                    tf.random.experimental.stateless_fold_in(batch_seed, index)
+                ):
+                    return batch_preprocess_fn(batch)
+
+            ds = tf.data.Dataset.zip(
+                tf.data.Dataset.range(start_batch, _FOREVER), ds
+            ).map(seeded_batch_pp, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(deterministic=seed is not None))
 
@@ -191,6 +244,80 @@ def make_eval_dataset(
     ds = ds.batch(per_replica_batch_size, drop_remainder=False)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(deterministic=True))
+
+
+_FOREVER = 2**62
+
+
+def _replicas_per_pipeline(input_context: tf.distribute.InputContext) -> int:
+    return max(
+        input_context.num_replicas_in_sync // input_context.num_input_pipelines, 1
+    )
+
+
+def _pipeline_seed(seed: int, pipeline_id: int) -> tf.Tensor:
+    """int64 ``[2]``: the run's seed, split per input pipeline."""
+    return tf.constant([seed, pipeline_id], tf.int64)
+
+
+def _positioned_stream(
+    ds: tf.data.Dataset,
+    preprocess_fn: PreprocessFn,
+    *,
+    shuffle_buffer: int,
+    base_seed: tf.Tensor,
+    start_example: int,
+) -> tf.data.Dataset:
+    """Epochs of ``ds`` shuffled per epoch and preprocessed, from an example on.
+
+    Epoch ``e`` is ``ds.shuffle(shuffle_buffer, seed=f(base_seed, e))``; the
+    ``i``-th example of epoch ``e`` is preprocessed inside
+    ``pp_rng.seeded(fold_in(g(base_seed, e), i))``. The result is the
+    concatenation of epochs from example ``start_example`` on (with the
+    shard's size known, whole epochs are skipped without reading them).
+    """
+    size = int(ds.cardinality())
+    if size == 0:
+        raise ValueError("the training source (this pipeline's shard) is empty.")
+    start_epoch, offset = 0, start_example
+    if size > 0:  # known size: skip whole epochs by number
+        start_epoch, offset = divmod(start_example, size)
+
+    def epoch(e):
+        # This function's own graph seed: the shuffle's seed pair is then
+        # (1, shuffle_seed) whatever the process's global seed (with a global
+        # seed of 0, TF's get_seed would compare a tensor seed in Python).
+        tf.random.set_seed(1)
+        # A 31-bit shuffle seed per epoch, a stateless function of (seed, e).
+        shuffle_seed = tf.random.stateless_uniform(
+            [],
+            seed=tf.random.experimental.stateless_fold_in(base_seed, e),
+            minval=0,
+            maxval=2**31 - 1,
+            dtype=tf.int64,
+        )
+        epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, e + _FOREVER)
+        shuffled = ds.shuffle(
+            shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False
+        )
+        seeds = tf.data.Dataset.range(_FOREVER).map(
+            lambda i: tf.random.experimental.stateless_fold_in(epoch_seed, i)
+        )
+        return tf.data.Dataset.zip(seeds, shuffled)
+
+    def preprocess(example_seed, example):
+        with pp_rng.seeded(example_seed):
+            return preprocess_fn(example)
+
+    stream = tf.data.Dataset.range(start_epoch, _FOREVER).flat_map(epoch)
+    if offset:
+        stream = stream.skip(offset)
+    stream = stream.apply(
+        tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY)
+    )
+    return stream.map(
+        preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
 
 
 def _options(*, deterministic: bool) -> tf.data.Options:

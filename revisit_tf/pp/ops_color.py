@@ -42,7 +42,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from revisit_tf.pp import utils
+from revisit_tf.pp import rng, utils
 from revisit_tf.pp.registry import register
 from revisit_tf.pp.utils import ImageFn
 
@@ -180,10 +180,10 @@ def sample_color_jitter(
     """
     ranges = jitter_ranges(strength)[:num_components]
     factors = tf.stack(
-        [tf.random.uniform([num_images], lo, hi) for lo, hi in ranges], axis=1
+        [rng.uniform([num_images], lo, hi) for lo, hi in ranges], axis=1
     )  # [N, n]
     if random_order:
-        noise = tf.random.uniform([num_images, num_components])
+        noise = rng.uniform([num_images, num_components])
         order = tf.argsort(noise, axis=1, stable=True)  # [N, n], a permutation
     else:
         order = tf.tile(tf.range(num_components)[None], [num_images, 1])
@@ -250,7 +250,7 @@ def get_color_jitter(
         n = 4 if channels == 3 else 2
         flat = _flatten(x)  # [N, H, W, C]
         num_images = tf.shape(flat)[0]
-        coins = tf.random.uniform([num_images]) < p  # [N]
+        coins = rng.uniform([num_images]) < p  # [N]
         factors, order = sample_color_jitter(num_images, n, strength, random_order)
 
         def _one(args):
@@ -404,8 +404,8 @@ def get_gaussian_blur(
             return x
         flat = _flatten(x)  # [N, H, W, C]
         num_images = tf.shape(flat)[0]
-        coins = tf.random.uniform([num_images]) < p  # [N]
-        sigmas = tf.random.uniform([num_images], sigma_lo, sigma_hi)  # [N]
+        coins = rng.uniform([num_images]) < p  # [N]
+        sigmas = rng.uniform([num_images], sigma_lo, sigma_hi)  # [N]
         blurred = blur_images(flat, sigmas, size)
         out = tf.where(coins[:, None, None, None], blurred, flat)
         return _unflatten(out, x)

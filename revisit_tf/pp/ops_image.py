@@ -40,7 +40,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from revisit_tf.pp import utils
+from revisit_tf.pp import rng, utils
 from revisit_tf.pp.registry import OpFn, register
 from revisit_tf.pp.utils import ImageFn
 
@@ -304,8 +304,8 @@ def get_random_crop(size: Any) -> ImageFn:
         # [N, H, W, C] (N = 1 for one image), draw N offsets, gather rows/cols.
         flat = tf.reshape(image, tf.concat([[-1], shape[-3:]], axis=0))
         n = tf.shape(flat)[0]
-        top = tf.random.uniform([n, 1], 0, shape[-3] - h + 1, dtype=tf.int32)
-        left = tf.random.uniform([n, 1], 0, shape[-2] - w + 1, dtype=tf.int32)
+        top = rng.uniform([n, 1], 0, shape[-3] - h + 1, dtype=tf.int32)
+        left = rng.uniform([n, 1], 0, shape[-2] - w + 1, dtype=tf.int32)
         rows = top + tf.range(h)[None]  # [N, h]
         cols = left + tf.range(w)[None]  # [N, w]
         out = tf.gather(flat, rows, axis=1, batch_dims=1)  # [N, h, W, C]
@@ -582,10 +582,10 @@ def _color_distort_one(
 ) -> tf.Tensor:
     """Fast-mode Inception colour distortion of one float image in [0, 1]."""
     if brightness > 0:
-        delta = tf.random.uniform([], -brightness, brightness)
+        delta = rng.uniform([], -brightness, brightness)
         image = image + delta
     if image.shape[-1] == 3 and saturation != (1.0, 1.0):
-        factor = tf.random.uniform([], saturation[0], saturation[1])
+        factor = rng.uniform([], saturation[0], saturation[1])
         image = tf.image.adjust_saturation(image, factor)
     return tf.clip_by_value(image, 0.0, 1.0)
 
@@ -689,7 +689,7 @@ def inception_preprocess_image(
         x = tf.slice(x, begin, crop_size)
         x.set_shape([None, None, image.shape[-1]])
         x = resize_image(x, size, "bilinear", legacy)
-        flip = tf.random.uniform([]) < 0.5
+        flip = rng.uniform([]) < 0.5
         x = tf.where(flip, tf.reverse(x, axis=[-2]), x)
         x = _color_distort_one(x, brightness, saturation)
     else:

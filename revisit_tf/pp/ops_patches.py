@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from revisit_tf.pp import utils
+from revisit_tf.pp import rng, utils
 from revisit_tf.pp.registry import OpFn, register
 from revisit_tf.pp.utils import ImageFn
 
@@ -113,8 +113,8 @@ def get_crop_patches(
         cell_top = (grid // splits) * cell_h  # [S*S]
         cell_left = (grid % splits) * cell_w
         if random:
-            dy = tf.random.uniform([n, num], 0, cell_h - patch_h + 1, tf.int32)
-            dx = tf.random.uniform([n, num], 0, cell_w - patch_w + 1, tf.int32)
+            dy = rng.uniform([n, num], 0, cell_h - patch_h + 1, tf.int32)
+            dx = rng.uniform([n, num], 0, cell_w - patch_w + 1, tf.int32)
         else:
             dy = tf.fill([n, num], (cell_h - patch_h) // 2)
             dx = tf.fill([n, num], (cell_w - patch_w) // 2)
@@ -193,7 +193,7 @@ def get_jigsaw_perms(
 
     def _jigsaw_perms(data: dict) -> dict:
         image = _patch_stack(op, data, key, num_patches)
-        subset = tf.random.shuffle(tf.range(num_permutations, dtype=tf.int32))
+        subset = rng.permutation(num_permutations)
         subset = subset[:subset_size]  # [m]
         if image.shape.rank == 5:  # a batch: one subset for all its images
             subset = tf.tile(subset[None], [tf.shape(image)[0], 1])  # [B, m]

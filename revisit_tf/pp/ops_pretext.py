@@ -33,7 +33,7 @@ import math
 
 import tensorflow as tf
 
-from revisit_tf.pp import ops_views, utils
+from revisit_tf.pp import ops_views, rng, utils
 from revisit_tf.pp.registry import OpFn, register
 
 NUM_ROTATIONS = 4  # Reference 3.4: 0, 90, 180, 270 degrees.
@@ -248,8 +248,8 @@ def get_inpaint_mask(
                 f"= {h}x{w} is empty; use a larger image or size."
             )
         if random:
-            top = tf.random.uniform([], 0, height - h + 1, dtype=tf.int32)
-            left = tf.random.uniform([], 0, width - w + 1, dtype=tf.int32)
+            top = rng.uniform([], 0, height - h + 1, dtype=tf.int32)
+            left = rng.uniform([], 0, width - w + 1, dtype=tf.int32)
         else:
             top, left = (height - h) // 2, (width - w) // 2
         rows = tf.range(height)

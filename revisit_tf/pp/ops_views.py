@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 import tensorflow as tf
 
-from revisit_tf.pp import utils
+from revisit_tf.pp import rng, utils
 from revisit_tf.pp.registry import OpFn, register
 
 # Surrogate-class ids are drawn from [0, 2**62): two source images of one
@@ -175,7 +175,7 @@ def get_surrogate_label(*, key: str = "image", key_label: str = "label") -> OpFn
                 f"{op}: expected a stack of views [K, H, W, C] under {key!r} (put "
                 f"it after `copies`), got shape {views.shape}."
             )
-        surrogate = tf.random.uniform([], 0, _EXEMPLAR_ID_RANGE, dtype=tf.int64)
+        surrogate = rng.uniform([], 0, _EXEMPLAR_ID_RANGE, dtype=tf.int64)
         num_views = views.shape[0]
         if num_views is None:
             num_views = tf.shape(views)[0]

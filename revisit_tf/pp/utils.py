@@ -29,6 +29,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from revisit_tf.pp import rng
+
 ImageFn = Callable[[tf.Tensor], tf.Tensor]
 
 
@@ -246,7 +248,7 @@ def per_image_coin(image: tf.Tensor, p: float) -> tf.Tensor:
     """
     leading = tf.shape(image)[:-3]
     shape = tf.concat([leading, tf.ones([3], tf.int32)], axis=0)
-    return tf.random.uniform(shape, dtype=tf.float32) < p
+    return rng.uniform(shape, dtype=tf.float32) < p
 
 
 def with_static_hw(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
