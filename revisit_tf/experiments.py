@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -127,19 +129,34 @@ def pretrain(
 
     # 1. Data and 2. pretext preprocessing (labels are made by pp_train).
     num_train = data_lib.num_examples(dataset, train_split, data_dir=data_dir)
+    if num_train < 1:
+        raise ValueError(
+            f"The training split {train_split!r} of {dataset!r} (data_dir "
+            f"{data_dir!r}) has no examples."
+        )
+    if global_batch_size > num_train:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is larger than the "
+            f"{num_train} examples of {dataset!r} {train_split!r}: not one "
+            "full batch per epoch."
+        )
     pp_fn = pp_lib.get_preprocess_fn(pp_train)
     batch_pp_fn = pp_lib.get_preprocess_fn(pp_train_batch) if pp_train_batch else None
+    data_seed = _data_seed(workdir, seed, strategy_lib.is_chief(strategy_obj))
 
-    def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+    def dataset_fn(
+        input_context: tf.distribute.InputContext, start_step: int = 0
+    ) -> tf.data.Dataset:
         return data_lib.make_train_dataset(
             data_lib.get_source(dataset, train_split, data_dir=data_dir),
             pp_fn,
             global_batch_size=global_batch_size,
             input_context=input_context,
             shuffle_buffer=shuffle_buffer,
-            seed=seed,
+            seed=data_seed,
             cache=cache_source,
             batch_preprocess_fn=batch_pp_fn,
+            start_step=start_step,
         )
 
     # The per-example spec of a training batch, from a throwaway (never
@@ -158,11 +175,23 @@ def pretrain(
         num_examples=num_train,
         global_batch_size=global_batch_size,
     )
+    if total_steps < 1:
+        raise ValueError(
+            f"The training duration is {total_steps} steps (steps={steps}, "
+            f"epochs={epochs}, examples={examples}, batch {global_batch_size}): "
+            "train for at least one step."
+        )
     schedule = schedule_fn(
         global_batch_size=global_batch_size,
         steps_per_epoch=per_epoch,
         total_steps=total_steps,
     )
+    for at in (0, total_steps - 1):
+        if not math.isfinite(float(schedule(at))):
+            raise ValueError(
+                f"The learning rate is {float(schedule(at))} at step {at}: check "
+                "the schedule's bindings (base learning rate, warmup, decay)."
+            )
     logging.info(
         "%s %s: %d examples, %d steps/epoch, %d steps in total; batch %s; "
         "lr at steps 0 and %d: %.4g, %.4g.",
@@ -191,6 +220,11 @@ def pretrain(
         for name, data in pretext_lib.workdir_files(model).items():
             files.write_atomic(os.path.join(workdir, name), data)
             logging.info("Recorded %s.", os.path.join(workdir, name))
+        # The trained trunk's architecture, which export_model checks against.
+        record_path = os.path.join(workdir, export_lib.TRUNK_RECORD_FILE)
+        record = export_lib.architecture_record(pretext_lib.get_trunk(model))
+        files.write_atomic(record_path, json.dumps(record, indent=1, sort_keys=True))
+        logging.info("Recorded %s.", record_path)
     metrics = loop_lib.train(
         model=model,
         optimizer=optimizer,
@@ -214,6 +248,35 @@ def pretrain(
     return metrics
 
 
+SEED_FILE = "seed.json"
+
+
+def _data_seed(workdir: str, seed: int | None, chief: bool) -> int:
+    """The input stream's seed: ``seed``, else one drawn once per workdir.
+
+    An unseeded run still needs a seed for exact resume (the stream is a
+    function of its position): it is drawn on the first run and recorded in
+    ``workdir/seed.json``, which every resume reads.
+    """
+    if seed is not None:
+        return int(seed)
+    path = os.path.join(workdir, SEED_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            try:
+                return int(json.load(f)["data_seed"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"{path} is not a seed record ({e}); it was written "
+                    'atomically as {"data_seed": <int>}: restore it or bind '
+                    "pretrain.seed to the run's seed."
+                ) from e
+    drawn = secrets.randbits(31)
+    if chief:
+        files.write_atomic(path, json.dumps({"data_seed": drawn}))
+    return drawn
+
+
 def export_model(
     workdir: str,
     *,
@@ -223,6 +286,7 @@ def export_model(
     random_init: bool = False,
     seed: int | None = None,
     pp_export_patches: str = "",
+    force: bool = False,
 ) -> str:
     """Writes ``workdir/export``: a SavedModel of the newest checkpoint's trunk.
 
@@ -233,6 +297,14 @@ def export_model(
     ``"crop_patches(3, random=False)|standardize"``) makes an export that
     cuts the patches itself and averages the endpoints over them (reference
     8.3), with an extra ``patches`` signature.
+
+    Nothing drifts: the trunk must be the trained one (its architecture and
+    input shape as ``pretrain`` recorded them in ``workdir/trunk_config.json``;
+    a workdir trained before that record exports with a warning), and
+    ``image_shape``, ``pp_export``, ``pp_export_patches``, ``random_init``
+    and the architecture must be those of the export already in
+    ``workdir/export`` (the first export fixes them). An export that a killed
+    run left only as ``workdir/export.old-*`` is restored first.
 
     Args:
       workdir: training workdir (its ``checkpoints/``); the export goes to
@@ -251,6 +323,8 @@ def export_model(
       pp_export_patches: for patch exports, the preprocessing of the
         ``patches`` signature's input ``[N, P, h, w, C]`` in [0, 1] (e.g.
         ``"standardize"``); ``""`` feeds the patches unchanged.
+      force: export despite the differences above (each is logged as a
+        warning); for a deliberate change, e.g. of ``pp_export``.
 
     Returns:
       The export path.
@@ -258,6 +332,9 @@ def export_model(
     Raises:
       FileNotFoundError: no checkpoint in ``workdir`` and not ``random_init``.
       CheckpointError: the checkpoint cannot be restored into ``trunk_fn()``.
+      ConfigDriftError: (a ValueError) without ``force``, the trunk or the
+        settings differ as described above; raised before anything is
+        written, naming the first differences.
     """
     image_shape = tuple(image_shape)
     if len(image_shape) != 3 or image_shape[-1] is None:
@@ -283,6 +360,60 @@ def export_model(
     if seed is not None:
         keras.utils.set_random_seed(seed)
     trunk = trunk_fn(input_shape=model_shape)
+    record = export_lib.architecture_record(trunk)
+    export_path = os.path.join(workdir, "export")
+    metadata = {
+        "model": trunk.name,
+        "pp_export": pp_export,
+        "pp_export_patches": pp_export_patches,
+        "random_init": bool(random_init),
+        "trunk_sha256": record["sha256"],
+    }
+    # The trunk trained, and the settings of the export already there.
+    drift = []
+    record_path = os.path.join(workdir, export_lib.TRUNK_RECORD_FILE)
+    if tf.io.gfile.exists(record_path):
+        with tf.io.gfile.GFile(record_path) as f:
+            text = f.read()
+        try:
+            trained = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{record_path} is not a trunk record ({e}); pretrain writes it "
+                "atomically: restore it, or delete it to export unchecked."
+            ) from e
+        drift += [
+            f"trunk ({record_path}): {d}"
+            for d in export_lib.architecture_differences(trained, record)
+        ]
+    elif random_init:
+        logging.info("No %s: a random-init export is not checked.", record_path)
+    else:
+        logging.warning(
+            "No %s (trained before revisit_tf recorded the trunk): the trunk's "
+            "architecture cannot be checked against training.",
+            record_path,
+        )
+    export_lib.recover_interrupted_export(export_path)
+    drift += export_lib.export_differences(
+        export_path,
+        image_shape=image_shape,
+        metadata=metadata,
+        keys=("pp_export", "pp_export_patches", "random_init", "trunk_sha256"),
+    )
+    if drift and not force:
+        raise export_lib.ConfigDriftError(
+            f"Refusing to write {export_path}: it would not be the network "
+            f"trained (or already exported) in {workdir}:\n  "
+            + "\n  ".join(drift)
+            + "\nRestore the training config (operative_config.gin in the "
+            "workdir lists what training used), or pass force=True (gin: "
+            "export_model.force = True) to export anyway."
+        )
+    if drift:
+        logging.warning(
+            "Exporting %s despite (force=True):\n  %s", export_path, "\n  ".join(drift)
+        )
     if random_init:
         logging.info("Exporting %s at random initialisation.", trunk.name)
     else:
@@ -290,11 +421,11 @@ def export_model(
         logging.info("Restored the trunk of %s.", path)
     out = export_lib.export_saved_model(
         trunk,
-        os.path.join(workdir, "export"),
+        export_path,
         image_shape=image_shape,
         preprocess=preprocess,
         patch_preprocess=patch_preprocess,
-        metadata={"model": trunk.name, "pp_export": pp_export},
+        metadata=metadata,
     )
     logging.info("Exported %s", out)
     return out
@@ -431,9 +562,22 @@ def linear_probe(
     pp_fn = pp_lib.get_preprocess_fn(pp_probe)
     splits = {"train": train_split, "val": val_split, "test": test_split}
 
+    # Every split must have examples: fail before any model work.
+    for split in splits.values():
+        if data_lib.num_examples(dataset, split, data_dir=data_dir) < 1:
+            raise ValueError(f"The split {split!r} of {dataset!r} has no examples.")
+
     # 1. The feature extractor and what identifies its features.
     if features == "export":
         export_dir = export_dir or os.path.join(workdir, "export")
+        if not os.path.isdir(export_dir):
+            raise FileNotFoundError(
+                f"No export at {export_dir!r}: run revisit-export on this "
+                "workdir first, or bind linear_probe.export_dir."
+            )
+        # Hashed first: it refuses links out of the export and non-regular
+        # files (a /dev/zero link would hang TensorFlow's loader).
+        source_id = "saved_model:" + cache_lib.hash_directory(export_dir)
         if isinstance(endpoints, str):
             if endpoints != "all":
                 raise ValueError(
@@ -442,7 +586,6 @@ def linear_probe(
                 )
             endpoints = features_lib.SavedModelFeatures.available_endpoints(export_dir)
         extractor = features_lib.SavedModelFeatures(export_dir, endpoints=endpoints)
-        source_id = "saved_model:" + cache_lib.hash_directory(export_dir)
     else:
         endpoints = ("pixels",)
         extractor = features_lib.PixelFeatures()

@@ -18,6 +18,11 @@ Contract:
   features (``pool_to_budget``, reference 8.2) and averages every endpoint
   over the patches; signature ``patches`` takes ``[N, P, h, w, C]`` patches
   in [0, 1].
+* Safety: every function refuses float input outside [0, 1] (e.g. 0..255);
+  writes are atomic and an export a killed writer moved aside is restored
+  (``recover_interrupted_export``); ``architecture_record`` /
+  ``architecture_differences`` / ``export_differences`` let the export root
+  refuse a trunk or settings that drifted (``ConfigDriftError``).
 * Consumers: the linear probe (stage 6) via ``load`` or ``tf.saved_model.load``;
   Keras 3 via ``keras.layers.TFSMLayer(path, call_endpoint=...)``; Keras 2
   (``tf_keras``) via ``hub.KerasLayer(path, trainable=...)``.
@@ -33,10 +38,12 @@ from revisit_tf.export.saved_model import (
     PATCHES_SIGNATURE,
     REPRESENTATION_SIGNATURE,
     SERVING_SIGNATURE,
+    ConfigDriftError,
     export_saved_model,
     load,
     pool_to_budget,
     read_metadata,
+    recover_interrupted_export,
 )
 
 __all__ = [
@@ -47,8 +54,10 @@ __all__ = [
     "PATCHES_SIGNATURE",
     "REPRESENTATION_SIGNATURE",
     "SERVING_SIGNATURE",
+    "ConfigDriftError",
     "export_saved_model",
     "load",
     "pool_to_budget",
     "read_metadata",
+    "recover_interrupted_export",
 ]

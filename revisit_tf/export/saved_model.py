@@ -13,6 +13,12 @@ Contract of the exported directory (``export_saved_model``):
   (``H``/``W`` may be ``None``). The training preprocessing that maps such a
   batch onto what the trunk saw (e.g. ``x * 2 - 1`` for [-1, 1]) runs *inside*
   every exported function, so users need not know it (style guide 4.6).
+  Every function checks the range (one min/max reduction per call): values
+  outside ``[-RANGE_TOLERANCE, 1 + RANGE_TOLERANCE]`` (e.g. uint8 values cast
+  to float, 0..255, whose features would be off by tens) fail with
+  ``InvalidArgumentError`` naming the range seen. Another dtype (e.g. uint8
+  itself) is refused by the signature; there is deliberately no uint8
+  signature: divide by 255 (pp ``value_range(0, 1)``) before calling.
 * Signature ``serving_default``: ``images`` -> dict with every endpoint by name,
   in inference mode (BN moving statistics), plus ``default`` = the pooled
   feature endpoint ``[N, D]`` (``pre_logits`` unless told otherwise; a rank-4
@@ -64,26 +70,45 @@ variables and ``tf.function`` s) with public API only. ``tf.Module`` is not used
 because it reserves ``variables``/``trainable_variables`` as computed
 properties, which are neither assignable nor saved.
 
-Writes are atomic: the SavedModel is written to a temporary sibling directory
-and renamed into place; an existing export is moved aside first and deleted
-only after the new one is in place, and is moved back if that rename fails.
+Writes are atomic and lose nothing: the SavedModel is written to a temporary
+sibling ``<path>.tmp-<random>`` and renamed into place; an existing export is
+moved aside to ``<path>.old-<random>`` first and deleted only after the new
+one is in place, and is moved back if that rename fails. A process killed
+between the two renames leaves no ``<path>``: the next write (or
+``recover_interrupted_export``) first renames the newest complete
+``<path>.old-*`` back. After a successful write every ``<path>.tmp-*`` and
+``<path>.old-*`` is removed, so there must be one writer per ``path`` at a
+time (the binaries hold a workdir lock). ``faults.point`` marks the moments
+between the writes (``export.tmp_written``, ``export.old_moved_aside``,
+``export.new_moved_in``, ``export.leftovers_removed``) for the kill tests.
+
+Drift checks (used by ``experiments.export_model``): ``architecture_record``
+describes the network a trunk computes (its Keras config without names of the
+model itself and without shapes, plus its input shape); ``pretrain`` records
+it for the trained trunk and ``architecture_differences`` lists what the
+export's trunk changes; ``export_differences`` compares a new export's
+settings with the export already at ``path``. Both feed ``ConfigDriftError``.
+
 Restoring the trunk from a checkpoint (with ``assert_existing_objects_matched``)
 is the caller's job; this module only sees the in-memory model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
-import uuid
-from collections.abc import Callable, Mapping
+import secrets
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
 import tensorflow as tf
 
 import revisit_tf
+from revisit_tf import faults
 
 INPUT_KEY = "images"
 DEFAULT_OUTPUT_KEY = "default"
@@ -94,12 +119,23 @@ PATCHES_INPUT_KEY = "patches"
 # Reference 8.2: fixed target of 9000 features per endpoint (per patch, 8.3).
 FEATURE_BUDGET = 9000
 INPUT_VALUE_RANGE = (0.0, 1.0)
+# Slack on INPUT_VALUE_RANGE for rounding; far below any real range mistake.
+RANGE_TOLERANCE = 1e-3
 METADATA_DIR = "assets.extra"
 METADATA_FILE = "revisit_tf_export.json"
 FORMAT_NAME = "revisit_tf.export.saved_model"
 FORMAT_VERSION = 1
+# Written by experiments.pretrain into the workdir: the trained trunk.
+TRUNK_RECORD_FILE = "trunk_config.json"
+TRUNK_RECORD_FORMAT = "revisit_tf.trunk_record"
+# Config keys that only carry shapes (the input shape is compared separately).
+_SHAPE_KEYS = ("batch_shape", "build_config")
 
 Preprocess = Callable[[tf.Tensor], tf.Tensor]
+
+
+class ConfigDriftError(ValueError):
+    """The export would differ from what was trained or already exported."""
 
 
 def export_saved_model(
@@ -129,7 +165,9 @@ def export_saved_model(
         ``__call__``; rank 2 ``[N, D]`` or rank 4 ``[N, h, w, D]`` (averaged
         over ``h, w`` to ``[N, D]``).
       overwrite: replace an existing export at ``path``; if False, an existing
-        ``path`` raises ``FileExistsError``.
+        ``path`` raises ``FileExistsError``. Either way an export that a
+        killed writer left as ``<path>.old-*`` is first restored to ``path``
+        (``recover_interrupted_export``).
       metadata: optional JSON-serializable mapping stored under
         ``"user_metadata"`` in the export's metadata file (e.g. the pretext task
         and the training step).
@@ -166,6 +204,7 @@ def export_saved_model(
         json.dumps(user_metadata)
     except TypeError as e:
         raise TypeError(f"metadata must be JSON-serializable: {e}") from e
+    recover_interrupted_export(path)  # An export moved aside counts as existing.
     if not overwrite and tf.io.gfile.exists(path):
         raise FileExistsError(
             f"Export path {path!r} already exists and overwrite=False."
@@ -346,6 +385,36 @@ def _check_model(
             )
 
 
+def _check_value_range(x: tf.Tensor, name: str) -> tf.Tensor:
+    """Returns ``x`` (float32, any shape) once its values are checked to be in [0, 1].
+
+    Allows ``RANGE_TOLERANCE`` of rounding either side; an empty batch passes.
+    The error names the range seen, e.g. ``[0.0000, 255.0000]`` for uint8
+    values cast to float.
+    """
+    low, high = INPUT_VALUE_RANGE
+    lowest, highest = tf.reduce_min(x), tf.reduce_max(x)
+    in_range = tf.logical_and(
+        lowest >= low - RANGE_TOLERANCE, highest <= high + RANGE_TOLERANCE
+    )
+    message = tf.strings.join(
+        [
+            f"{name} must be float32 in [0, 1] (tolerance {RANGE_TOLERANCE:g}); got "
+            "values in [",
+            tf.strings.as_string(lowest, precision=4),
+            ", ",
+            tf.strings.as_string(highest, precision=4),
+            "]. Divide uint8 images by 255 (pp 'value_range(0, 1)') and clip "
+            "resampled images to [0, 1] before calling the export.",
+        ]
+    )
+    check = tf.debugging.Assert(
+        tf.logical_or(tf.equal(tf.size(x), 0), in_range), [message]
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(x)
+
+
 def _pool_features(features: tf.Tensor, name: str) -> tf.Tensor:
     """Maps the feature endpoint to ``[N, D]``: rank 2 as is, rank 4 averaged."""
     rank = features.shape.rank
@@ -424,7 +493,7 @@ def _build_root(
             if size is not None
         ]
         with tf.control_dependencies(checks):
-            return tf.identity(images)
+            return _check_value_range(images, INPUT_KEY)
 
     def run_model(inputs: tf.Tensor, training: bool) -> Mapping[str, tf.Tensor]:
         if inputs.shape.rank != 5:
@@ -500,7 +569,7 @@ def _build_root(
         )
 
         def serve_patches(patches: tf.Tensor) -> dict[str, tf.Tensor]:
-            inputs = patch_preprocess(patches)
+            inputs = patch_preprocess(_check_value_range(patches, PATCHES_INPUT_KEY))
             outputs = check_outputs(run_model(inputs, training=False))
             pooled = _pool_features(outputs[feature_endpoint], feature_endpoint)
             return {**outputs, DEFAULT_OUTPUT_KEY: pooled}
@@ -579,37 +648,275 @@ def _make_metadata(
     }
 
 
+def recover_interrupted_export(path: str | os.PathLike) -> str | None:
+    """Puts back an export that a killed writer left only as ``<path>.old-*``.
+
+    A writer killed between moving the old export aside and moving the new one
+    in leaves no ``path``. If ``path`` is missing, the newest complete
+    ``<path>.old-*`` (by the time its metadata file was written; directories
+    without one are ignored) is renamed back to ``path``.
+
+    Args:
+      path: the export directory.
+
+    Returns:
+      The ``<path>.old-*`` directory restored, or None if ``path`` exists or
+      nothing complete was moved aside.
+    """
+    path = _normalize_path(path)
+    if tf.io.gfile.exists(path):
+        return None
+    complete = []
+    for candidate in _siblings(path, ".old-"):
+        meta_path = tf.io.gfile.join(candidate, METADATA_DIR, METADATA_FILE)
+        if tf.io.gfile.exists(meta_path):
+            complete.append((tf.io.gfile.stat(meta_path).mtime_nsec, candidate))
+    if not complete:
+        return None
+    _, newest = max(complete)
+    tf.io.gfile.rename(newest, path)
+    logging.warning(
+        "Restored the export %s from %s, where an interrupted export had moved it.",
+        path,
+        newest,
+    )
+    return newest
+
+
+def _siblings(path: str, infix: str) -> list[str]:
+    """Sorted ``<path><infix>*`` entries next to ``path`` (``infix`` ``.tmp-``)."""
+    parent, base = os.path.split(path)
+    try:
+        names = tf.io.gfile.listdir(parent or ".")
+    except tf.errors.NotFoundError:
+        return []
+    prefix = base + infix
+    return sorted(
+        os.path.join(parent, name.rstrip("/"))
+        for name in names
+        if name.startswith(prefix)
+    )
+
+
+def _remove_leftovers(path: str) -> None:
+    """Removes every ``<path>.tmp-*`` and ``<path>.old-*`` (one writer per path)."""
+    for leftover in _siblings(path, ".tmp-") + _siblings(path, ".old-"):
+        if tf.io.gfile.isdir(leftover):
+            tf.io.gfile.rmtree(leftover)
+        else:
+            tf.io.gfile.remove(leftover)
+        logging.info("Removed %s, left by an interrupted export.", leftover)
+
+
 def _write_atomically(
     path: str, write: Callable[[str], None], *, overwrite: bool
 ) -> None:
     """Runs ``write(tmp)`` on a fresh sibling of ``path``, then renames it in.
 
-    On any failure the temporary directory is removed and an existing export at
-    ``path`` is left (or put back) in place.
+    First restores an export a killed writer moved aside
+    (``recover_interrupted_export``). On any failure the temporary directory
+    is removed and an existing export at ``path`` is left (or put back) in
+    place. After success, the leftovers of killed writers are removed.
     """
     parent = os.path.dirname(path)
     if parent:
         tf.io.gfile.makedirs(parent)
-    # pid + random suffix: concurrent or crashed writers never share a name.
-    suffix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    recover_interrupted_export(path)
+    # Random, not derived from the pid or time: no other process can predict
+    # (and pre-create) the names, and crashed writers never share one.
+    suffix = secrets.token_hex(8)
     tmp = f"{path}.tmp-{suffix}"
     old = f"{path}.old-{suffix}"
     try:
         write(tmp)
+        faults.point("export.tmp_written")
         if tf.io.gfile.exists(path):
             if not overwrite:
                 raise FileExistsError(
                     f"Export path {path!r} already exists and overwrite=False."
                 )
             tf.io.gfile.rename(path, old)
+            faults.point("export.old_moved_aside")
             try:
                 tf.io.gfile.rename(tmp, path)
             except BaseException:
                 tf.io.gfile.rename(old, path)
                 raise
-            tf.io.gfile.rmtree(old)
         else:
             tf.io.gfile.rename(tmp, path)
+        faults.point("export.new_moved_in")
     finally:
         if tf.io.gfile.exists(tmp):
             tf.io.gfile.rmtree(tmp)
+    _remove_leftovers(path)  # The old export, and what killed writers left.
+    faults.point("export.leftovers_removed")
+
+
+def architecture_record(model: keras.Model) -> dict[str, Any]:
+    """Describes the network ``model`` computes, for ``architecture_differences``.
+
+    Args:
+      model: a built functional Keras model (a trunk) with one input.
+
+    Returns:
+      A JSON-able dict: ``format``; ``input_shape`` ``[H, W, C]`` of one
+      input example (entries may be None); ``architecture``, the model's
+      ``get_config()`` without the model's own name (the pretext model renames
+      its trunk) and without shape-only keys (``batch_shape``,
+      ``build_config``, tensor shapes), so the same trunk built for another
+      input size compares equal; and ``sha256`` of that architecture. For a
+      model without a config (subclassed), ``architecture`` and ``sha256``
+      are None.
+    """
+    try:
+        input_shape = list(model.inputs[0].shape[1:])
+    except (AttributeError, IndexError, ValueError):
+        input_shape = None
+    try:
+        config = model.get_config()
+    except NotImplementedError:
+        config = None
+    architecture = sha256 = None
+    if config is not None:
+        config = dict(config)
+        config.pop("name", None)
+        text = json.dumps(config, sort_keys=True, default=_json_fallback)
+        architecture = _strip_shapes(json.loads(text))
+        canonical = json.dumps(architecture, sort_keys=True).encode()
+        sha256 = hashlib.sha256(canonical).hexdigest()
+    return {
+        "format": TRUNK_RECORD_FORMAT,
+        "format_version": 1,
+        "input_shape": input_shape,
+        "architecture": architecture,
+        "sha256": sha256,
+    }
+
+
+def _json_fallback(value: object) -> str:
+    """A stable stand-in for a config value JSON cannot hold (no address)."""
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
+def _strip_shapes(value: Any) -> Any:
+    """``value`` (a parsed Keras config) without its shape-only entries."""
+    if isinstance(value, dict):
+        is_tensor = "keras_history" in value
+        return {
+            k: _strip_shapes(v)
+            for k, v in value.items()
+            if k not in _SHAPE_KEYS and not (is_tensor and k == "shape")
+        }
+    if isinstance(value, list):
+        return [_strip_shapes(v) for v in value]
+    return value
+
+
+def architecture_differences(
+    trained: Mapping[str, Any], current: Mapping[str, Any], *, limit: int = 5
+) -> list[str]:
+    """What ``current`` changes relative to ``trained`` (``architecture_record`` s).
+
+    Returns:
+      Up to ``limit`` lines such as ``"layers[2] (root_conv).config.strides:
+      [2, 2] (trained) vs [1, 1] (export)"``; the input shape is compared when
+      both are fully known. Empty when they match (or a side has no config).
+    """
+    differences = []
+    shapes = trained.get("input_shape"), current.get("input_shape")
+    if all(s is not None and None not in s for s in shapes) and (
+        list(shapes[0]) != list(shapes[1])
+    ):
+        differences.append(
+            f"trunk input shape {list(shapes[0])} (trained) vs {list(shapes[1])} "
+            "(export)"
+        )
+    a, b = trained.get("architecture"), current.get("architecture")
+    if a is not None and b is not None:
+        _diff(a, b, "", differences, limit)
+    return differences[:limit]
+
+
+def _short(value: Any, width: int = 80) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _diff(a: Any, b: Any, where: str, out: list[str], limit: int) -> None:
+    """Appends ``"<where>: <a> (trained) vs <b> (export)"`` for each leaf change."""
+    if len(out) >= limit:
+        return
+    here = where.lstrip(".") or "config"
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if key not in a or key not in b:
+                side = "trained" if key in a else "export"
+                value = a[key] if key in a else b[key]
+                out.append(
+                    f"{where}.{key}".lstrip(".")
+                    + f": only in the {side} trunk ({_short(value)})"
+                )
+            else:
+                _diff(a[key], b[key], f"{where}.{key}", out, limit)
+            if len(out) >= limit:
+                return
+    elif isinstance(a, list) and isinstance(b, list) and _has_containers(a + b):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
+            tag = f"[{i}]"
+            if isinstance(x, dict) and isinstance(x.get("name"), str):
+                tag += f" ({x['name']})"
+            _diff(x, y, f"{where}{tag}", out, limit)
+            if len(out) >= limit:
+                return
+        if len(a) != len(b):
+            out.append(f"{here}: {len(a)} entries (trained) vs {len(b)} (export)")
+    elif a != b:
+        out.append(f"{here}: {_short(a)} (trained) vs {_short(b)} (export)")
+
+
+def _has_containers(values: list[Any]) -> bool:
+    """Whether a config list holds dicts or lists (else it is compared whole)."""
+    return any(isinstance(v, dict | list) for v in values)
+
+
+def export_differences(
+    path: str | os.PathLike,
+    *,
+    image_shape: Sequence[int | None],
+    metadata: Mapping[str, Any],
+    keys: Sequence[str],
+) -> list[str]:
+    """How a new export's settings differ from the export already at ``path``.
+
+    Args:
+      path: the export directory (call ``recover_interrupted_export`` first).
+      image_shape: the new export's ``(H, W, C)``.
+      metadata: the new export's user metadata.
+      keys: the metadata keys compared (a key missing on either side, e.g.
+        in an export older than the key, is not compared).
+
+    Returns:
+      One line per difference, e.g. ``"pp_export: 'a' (existing export) vs
+      'b' (this export)"``; empty if nothing differs or there is no export
+      (or no readable revisit_tf export) at ``path``.
+    """
+    try:
+        existing = read_metadata(path)
+    except (FileNotFoundError, ValueError):
+        return []
+    differences = []
+    old_shape = existing.get("input", {}).get("shape", [None])[1:]
+    if list(old_shape) != list(image_shape):
+        differences.append(
+            f"image_shape: {tuple(old_shape)} (existing export) vs "
+            f"{tuple(image_shape)} (this export)"
+        )
+    old_metadata = existing.get("user_metadata", {})
+    for key in keys:
+        both = key in old_metadata and key in metadata
+        if both and old_metadata[key] != metadata[key]:
+            differences.append(
+                f"{key}: {old_metadata[key]!r} (existing export) vs "
+                f"{metadata[key]!r} (this export)"
+            )
+    return differences
