@@ -6,22 +6,44 @@ other argument comes from gin (style guide 4.2). Gin files are looked up in the
 shipped ``gin/`` directory, so ``--gin_file=demo/fashion_mnist_rotation.gin``
 works from any working directory.
 
-``revisit-train`` writes the parsed config to ``workdir/config.gin`` before it
-starts and gin's operative config to ``workdir/operative_config.gin`` after the
-first loop. ``revisit-export`` and ``revisit-probe`` re-read
-``workdir/config.gin`` when no ``--gin_file`` is given, so the usual sequence
-needs the config only once.
+``revisit-train`` records the parsed config in ``workdir/config.gin`` and
+gin's operative config in ``workdir/operative_config.gin`` once the first loop
+has run (the config is then known to work). ``revisit-export`` and
+``revisit-probe`` re-read ``workdir/config.gin`` when no ``--gin_file`` is
+given, so the usual sequence needs the config only once.
+
+Nothing lost (issue 12):
+
+* one writer per workdir: train, export and probe hold ``workdir/.lock``
+  (``files.workdir_lock``); a second process stops with exit code 75 naming
+  the holder (pid, host, command);
+* a config that differs from the one a trained workdir recorded is refused
+  (the message shows the changed lines) unless ``--force``, which keeps the
+  old one as ``config.gin.<time>``;
+* gin runs the ``import`` lines of a config and follows its ``include``
+  lines: both are logged, and an include resolved from the working directory
+  rather than the shipped ``gin/`` or a given file is warned about. Treat a
+  workdir's ``config.gin`` like code: do not export or probe a workdir you do
+  not trust.
+
+Exit codes (``EXIT_CODES``): 0 done; 1 failed, with a named error on stderr
+and in the log; 2 bad command line; 75 (EX_TEMPFAIL) not finished, rerun
+later: preempted after saving a checkpoint, or the workdir is locked by
+another live process.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import difflib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # oneDNN kernels on every x86 CPU: TensorFlow turns them on by default only on
@@ -34,18 +56,34 @@ import gin  # noqa: E402
 from revisit_tf import (
     configurables,  # noqa: E402
     experiments,  # noqa: E402
+    faults,  # noqa: E402
     files,  # noqa: E402
 )
 from revisit_tf.study import collect as study_collect  # noqa: E402
 from revisit_tf.study import executors as study_executors  # noqa: E402
 from revisit_tf.study import runner as study_runner  # noqa: E402
 from revisit_tf.study import spec as study_spec  # noqa: E402
+from revisit_tf.train import checkpoint as checkpoint_lib  # noqa: E402
+from revisit_tf.train import loop as loop_lib  # noqa: E402
 
 CONFIG_NAME = "config.gin"
 OPERATIVE_CONFIG_NAME = "operative_config.gin"
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RERUN = 0, 1, 2, 75
+EXIT_CODES = {
+    EXIT_OK: "done",
+    EXIT_FAILED: "failed: a named error (stderr and the workdir's log)",
+    EXIT_USAGE: "bad command line (argparse)",
+    EXIT_RERUN: "not finished, rerun later: preempted after saving a checkpoint, "
+    "or the workdir is locked by another live process",
+}
 
-def _parser(description: str) -> argparse.ArgumentParser:
+
+class ConfigChangedError(ValueError):
+    """The config differs from the one a trained workdir recorded."""
+
+
+def _parser(description: str, *, force: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--workdir", required=True, help="Output directory.")
     parser.add_argument(
@@ -62,6 +100,13 @@ def _parser(description: str) -> argparse.ArgumentParser:
         default=[],
         help='Gin binding (repeatable), e.g. "pretrain.steps = 100".',
     )
+    if force:
+        parser.add_argument(
+            "--force",
+            action="store_true",
+            help="Accept a config that differs from the one this trained "
+            "workdir recorded (the old one is kept as config.gin.<time>).",
+        )
     return parser
 
 
@@ -134,50 +179,162 @@ def parse_gin(
                 f"Gin file {name!r} not found in the working directory nor in "
                 f"{configurables.gin_search_paths()}."
             )
-    gin.parse_config_files_and_bindings(paths, gin_bindings, skip_unknown=False)
+    try:
+        parsed = gin.parse_config_files_and_bindings(
+            paths, gin_bindings, skip_unknown=False
+        )
+    except TypeError as e:
+        # gin's package-resource lookup of an include crashes on a namespace
+        # package (a plain folder named like the include's first component on
+        # sys.path, e.g. ./pretext under ``python -m``).
+        raise ValueError(
+            f"gin could not resolve an include of {paths} ({e}): a folder named "
+            "like the include's first component (e.g. ./data or ./pretext) is "
+            "on the Python path; run from another directory."
+        ) from e
+    _log_includes_and_imports(parsed, given=paths)
     return paths
 
 
-def _record_config(workdir: str) -> None:
-    """Writes gin's full config to ``workdir/config.gin`` (keeps a differing one)."""
+def _log_includes_and_imports(parsed, *, given: Sequence[str]) -> None:
+    """Logs what gin imported and included; warns about files from elsewhere.
+
+    gin looks an include up in the working directory first, then in the
+    shipped ``gin/``: an include resolved outside the shipped directories and
+    the files given on the command line is said so, as is every imported
+    module outside ``revisit_tf``.
+    """
+    shipped = [os.path.realpath(p) for p in configurables.gin_search_paths()]
+    trusted = {os.path.realpath(p) for p in given if os.path.exists(p)}
+
+    def resolve(name: str) -> str | None:
+        for prefix in ["", *configurables.gin_search_paths()]:
+            path = os.path.join(prefix, name)
+            if os.path.isfile(path):
+                return os.path.realpath(path)
+        return None
+
+    def visit(node) -> None:
+        for module in node.imports:
+            if module.split(".")[0] != "revisit_tf":
+                logging.warning(
+                    "gin: %s imports module %r; its code ran.", node.filename, module
+                )
+        for child in node.includes:
+            path = resolve(child.filename)
+            inside = path is not None and (
+                path in trusted
+                or any(path.startswith(root + os.sep) for root in shipped)
+            )
+            if not inside:
+                logging.warning(
+                    "gin: %s includes %r, read from %s (not a shipped or given "
+                    "gin file).",
+                    node.filename,
+                    child.filename,
+                    path,
+                )
+            visit(child)
+
+    for node in parsed or ():
+        visit(node)
+
+
+def _config_recorder(workdir: str, *, force: bool) -> Callable[[], None]:
+    """Checks the parsed config against ``workdir/config.gin``; returns the writer.
+
+    Call the returned function once the config is known to work (it writes
+    nothing if the recorded config is the same). A differing config on a
+    workdir that has checkpoints is refused now, before anything runs,
+    unless ``force``; the old config is then kept as ``config.gin.<time>``.
+
+    Raises:
+      ConfigChangedError: the config differs from a trained workdir's and
+        not ``force``; the message shows the changed lines.
+    """
     path = os.path.join(workdir, CONFIG_NAME)
     text = "import revisit_tf.configurables\n\n" + gin.config_str()
+    old = None
     if os.path.exists(path):
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             old = f.read()
-        if old != text:
-            backup = f"{path}.{int(os.path.getmtime(path))}"
-            os.replace(path, backup)
+    if old == text:
+        return lambda: None
+    if old is not None and not force:
+        steps = checkpoint_lib.checkpoint_steps(os.path.join(workdir, "checkpoints"))
+        if steps:
+            diff = [
+                line
+                for line in difflib.unified_diff(
+                    old.splitlines(), text.splitlines(), lineterm="", n=0
+                )
+                if line[:1] in "+-" and not line.startswith(("+++", "---"))
+            ]
+            shown = "\n  ".join(diff[:12]) + ("\n  ..." if len(diff) > 12 else "")
+            raise ConfigChangedError(
+                f"The config differs from {path}, which trained the checkpoints "
+                f"of steps {steps} in this workdir (- recorded, + now):\n  "
+                f"{shown}\nUse the recorded config (omit --gin_file), another "
+                "workdir, or --force to replace it (the old one is kept)."
+            )
+    done = []
+
+    def record() -> None:
+        if done:
+            return
+        done.append(True)
+        if old is not None:
+            backup = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}"
+            files.write_atomic(backup, old)
             logging.warning("The config changed; the previous one is in %s", backup)
-    files.write_atomic(path, text)
+        files.write_atomic(path, text)
+
+    return record
 
 
 def train_main(argv: Sequence[str] | None = None) -> None:
-    """``revisit-train``: pretext training (``experiments.pretrain``)."""
-    args = _parser("Pretext training (revisit_tf).").parse_args(argv)
+    """``revisit-train``: pretext training (``experiments.pretrain``).
+
+    Raises:
+      loop_lib.PreemptedError: SIGTERM; a checkpoint was saved (exit code 75).
+    """
+    args = _parser("Pretext training (revisit_tf).", force=True).parse_args(argv)
     suffix = _worker_suffix()
     _setup_logging(args.workdir, "train" + suffix)
     parse_gin(args.gin_file, args.gin_bindings)
-    if not suffix:
-        _record_config(args.workdir)
+    chief = not suffix
+    # Multi-worker tasks share the chief's workdir: the chief holds the lock.
+    lock = files.workdir_lock(args.workdir, "revisit-train") if chief else _no_lock()
+    with lock:
+        record_config = _config_recorder(args.workdir, force=args.force)
 
-    def write_operative_config():
-        files.write_atomic(
-            os.path.join(args.workdir, OPERATIVE_CONFIG_NAME),
-            gin.operative_config_str(),
+        def on_first_loop():
+            record_config()
+            files.write_atomic(
+                os.path.join(args.workdir, OPERATIVE_CONFIG_NAME),
+                gin.operative_config_str(),
+            )
+
+        configurables.pretrain(
+            workdir=args.workdir, on_first_loop=on_first_loop if chief else None
         )
-
-    configurables.pretrain(workdir=args.workdir, on_first_loop=write_operative_config)
+        if chief:
+            record_config()  # a rerun with nothing to train (or --force) too
 
 
 def export_main(argv: Sequence[str] | None = None) -> None:
     """``revisit-export``: SavedModel from the newest checkpoint."""
-    args = _parser("Export a SavedModel (revisit_tf).").parse_args(argv)
+    args = _parser("Export a SavedModel (revisit_tf).", force=True).parse_args(argv)
     _setup_logging(args.workdir, "export")
     parse_gin(args.gin_file, args.gin_bindings, workdir=args.workdir)
-    if args.gin_file or args.gin_bindings:
-        _record_config(args.workdir)
-    print(configurables.export_model(workdir=args.workdir))
+    with files.workdir_lock(args.workdir, "revisit-export"):
+        record_config = (
+            _config_recorder(args.workdir, force=args.force)
+            if args.gin_file or args.gin_bindings
+            else lambda: None
+        )
+        print(configurables.export_model(workdir=args.workdir, force=args.force))
+        record_config()
 
 
 def probe_main(argv: Sequence[str] | None = None) -> None:
@@ -185,8 +342,58 @@ def probe_main(argv: Sequence[str] | None = None) -> None:
     args = _parser("Linear probe (revisit_tf).").parse_args(argv)
     _setup_logging(args.workdir, "probe")
     parse_gin(args.gin_file, args.gin_bindings, workdir=args.workdir)
-    rows = configurables.linear_probe(workdir=args.workdir)
+    with files.workdir_lock(args.workdir, "revisit-probe"):
+        rows = configurables.linear_probe(workdir=args.workdir)
     print(experiments.tables.report_tables(rows))
+
+
+@contextlib.contextmanager
+def _no_lock():
+    yield None
+
+
+def _install_faults() -> None:
+    """The kill tier's hook (``faults``), from the process environment."""
+    hook = faults.hook_from_spec(
+        os.environ.get("REVISIT_TF_FAULT"), os.environ.get("REVISIT_TF_FAULT_TRACE")
+    )
+    if hook is not None:
+        faults.install(hook)
+
+
+def run(main_fn: Callable[[Sequence[str] | None], None], argv=None) -> int:
+    """Runs a main under the exit-code contract (``EXIT_CODES``).
+
+    Named errors print one line (``error: ...``) and return 1; a preempted
+    run or a locked workdir returns 75; anything else keeps its traceback.
+    """
+    _install_faults()
+    try:
+        main_fn(argv)
+    except (loop_lib.PreemptedError, files.WorkdirLockedError) as e:
+        logging.warning("%s", e)
+        print(f"not finished: {e}", file=sys.stderr)
+        return EXIT_RERUN
+    except (
+        ConfigChangedError,
+        checkpoint_lib.CheckpointError,
+        FileNotFoundError,
+        ValueError,
+        FloatingPointError,
+        OSError,
+    ) as e:
+        logging.error("%s: %s", type(e).__name__, e, exc_info=True)
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _console(main_fn):
+    def entry() -> None:
+        sys.exit(run(main_fn))
+
+    entry.__doc__ = main_fn.__doc__
+    return entry
 
 
 def report_main(argv: Sequence[str] | None = None) -> None:
@@ -417,6 +624,13 @@ def write_study_report(
     return os.path.join(out_dir, "README.md")
 
 
+train = _console(train_main)
+export = _console(export_main)
+probe = _console(probe_main)
+report = _console(report_main)
+study = _console(study_main)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m revisit_tf.cli {train,export,probe,report,study} ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -431,8 +645,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(
             f"usage: python -m revisit_tf.cli {{{','.join(commands)}}} ..."
         )
-    commands[argv[0]](argv[1:])
+    sys.exit(run(commands[argv[0]], argv[1:]))
 
 
 if __name__ == "__main__":
+    # ``python -m`` puts the working directory first on sys.path, where a
+    # folder such as ./data or ./pretext would shadow the package resources
+    # gin resolves includes with; revisit_tf itself is already imported.
+    sys.path[:] = [p for p in sys.path if p not in ("", os.getcwd())]
     main()

@@ -124,12 +124,14 @@ def test_kill_and_resume(tmp_path):
         "pretrain.steps_per_loop = 2",
         "pretrain.checkpoint_every = 4",
     )
-    # 1. Preemption: SIGTERM -> checkpoint at the end of the current loop, exit 0.
+    # 1. Preemption: SIGTERM -> checkpoint at the end of the current loop,
+    # exit 75 (not finished: rerun), and no train_metrics.json of a partial run.
     proc = _start_train(workdir, *bindings)
     _wait_for_checkpoint(workdir, proc, 4)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == cli.EXIT_RERUN, out[-3000:]
+    assert not os.path.exists(os.path.join(workdir, "train_metrics.json"))
     assert "Preempted at step" in out
     preempted = int(out.split("Preempted at step ")[1].split(";")[0])
     assert preempted < total

@@ -30,6 +30,12 @@ class Interrupted(BaseException):
     """SIGTERM/SIGINT while a job runs (not an error of the job)."""
 
 
+def _preempted_error() -> type[Exception]:
+    from revisit_tf.train.loop import PreemptedError  # TensorFlow: lazily
+
+    return PreemptedError
+
+
 def _raise_interrupted(signum, frame):
     raise Interrupted(signal.Signals(signum).name)
 
@@ -120,6 +126,8 @@ def run_job(study_dir: str, job_id: str, *, write_status: bool = True) -> str:
                 _run_main(job["kind"], argv)
             except Interrupted:
                 raise
+            except _preempted_error() as e:  # the loop's own SIGTERM handler
+                raise Interrupted(str(e)) from e
             except BaseException as e:  # SystemExit from argparse included
                 traceback.print_exc()
                 final = {"state": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}

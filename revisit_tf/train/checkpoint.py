@@ -1,13 +1,34 @@
-"""Checkpoints that survive preemption (stage 4, training).
+"""Checkpoints that survive preemption, corruption and kills (stage 4).
 
 ``tf.train.Checkpoint`` of the pretext model, its trunk (the same variables,
 also reachable under the key ``trunk`` so that the export restores the trunk
 alone, without building the task's head) and the optimizer (whose
-``iterations`` is the global step) under a ``CheckpointManager`` in
-``<workdir>/checkpoints``. TF
-writes each checkpoint to temporary files and renames them, and updates the
-``checkpoint`` state file atomically, so a run killed at any moment leaves the
-previous checkpoints intact; the next run resumes from the newest one.
+``iterations`` is the global step), in ``<workdir>/checkpoints``:
+
+    ckpt-<step>.index, ckpt-<step>.data-*   one checkpoint (TF writes each
+                                            file to a temporary and renames)
+    ckpt-<step>.metrics.json                the loop's metrics at that step
+    checkpoint                              TF's state file (for TF tools)
+
+Restore never guesses (reference: the original silently started from
+scratch):
+
+* the checkpoints are found by listing ``ckpt-<step>.index`` files in the
+  directory; the ``checkpoint`` state file is only a hint, and an entry in it
+  pointing outside the directory is ignored with a warning;
+* if the newest cannot be read (a missing index, truncated data, garbage),
+  the next newer readable one is restored, the unreadable ones are moved to
+  ``checkpoints/unreadable/`` (never deleted) and the log says which;
+* if checkpoints exist and none can be read, ``CheckpointError`` names each
+  and nothing is touched: a run never writes a step-0 checkpoint into a
+  directory holding other checkpoints.
+
+Save order: metrics file, then the checkpoint (``Checkpoint.write``), then the
+state file (``files.write_atomic``), then the deletion of checkpoints beyond
+``max_to_keep``; a kill between any two leaves the previous checkpoints
+intact and the newest complete one restorable. Temporary ``*_temp``
+directories and ``*.tmp-*`` files left by killed saves are removed when the
+next run starts (under the workdir lock, so no other writer owns them).
 
 Under ``MultiWorkerMirroredStrategy`` every worker must take part in saving;
 non-chief workers write to a private temporary directory that is deleted
@@ -16,16 +37,29 @@ afterwards (the documented TF pattern).
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
+import re
 import shutil
+import time
 
 import keras
 import tensorflow as tf
 
+from revisit_tf import faults, files
+
+PREFIX = "ckpt"
+_INDEX = re.compile(rf"^{PREFIX}-(\d+)\.index$")
+
 
 class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be restored (corrupt or mismatched)."""
+    """Checkpoints exist but none can be restored (corrupt or mismatched)."""
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 def _restore(checkpoint: tf.train.Checkpoint, path: str, *, partial: bool) -> None:
@@ -36,17 +70,87 @@ def _restore(checkpoint: tf.train.Checkpoint, path: str, *, partial: bool) -> No
             status = status.expect_partial()
         status.assert_existing_objects_matched()
     except Exception as e:  # noqa: BLE001 - TF raises OpError, IndexError, ...
-        first_line = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(
             f"Cannot restore checkpoint {path!r}: it is corrupt, truncated or "
             f"was written by a different model/optimizer ({type(e).__name__}: "
-            f"{first_line}). Move it (and its line in the 'checkpoint' file "
-            "beside it) away to use an older checkpoint, or use a fresh workdir."
+            f"{_first_line(e)})."
         ) from e
 
 
+def checkpoint_steps(directory: str) -> list[int]:
+    """Steps of the checkpoints in ``directory`` (by their index files), newest first.
+
+    Entries of the ``checkpoint`` state file that point outside ``directory``
+    are ignored (logged): a state file is never followed to another path.
+    """
+    if not os.path.isdir(directory):
+        return []
+    steps = set()
+    for name in os.listdir(directory):
+        match = _INDEX.match(name)
+        if match and os.path.isfile(os.path.join(directory, name)):
+            steps.add(int(match.group(1)))
+    state = os.path.join(directory, "checkpoint")
+    if os.path.isfile(state):
+        with open(state, errors="replace") as f:
+            for quoted in re.findall(r'"([^"]*)"', f.read()):
+                target = os.path.normpath(os.path.join(directory, quoted))
+                if os.path.dirname(target) != os.path.normpath(directory):
+                    logging.warning(
+                        "Ignoring %r in %s: checkpoints are only read from %s.",
+                        quoted,
+                        state,
+                        directory,
+                    )
+    return sorted(steps, reverse=True)
+
+
+def _prefix(directory: str, step: int) -> str:
+    return os.path.join(directory, f"{PREFIX}-{step}")
+
+
+def _has_checkpoint_files(directory: str) -> list[str]:
+    if not os.path.isdir(directory):
+        return []
+    return sorted(n for n in os.listdir(directory) if n.startswith(PREFIX + "-"))
+
+
+def _restore_newest(
+    checkpoint: tf.train.Checkpoint, directory: str, *, partial: bool
+) -> tuple[str | None, list[tuple[str, str]]]:
+    """Restores the newest readable checkpoint.
+
+    Returns:
+      ``(path or None, [(unreadable path, reason), ...] newer than it)``.
+
+    Raises:
+      CheckpointError: checkpoint files exist and none is readable.
+    """
+    failures = []
+    for step in checkpoint_steps(directory):
+        path = _prefix(directory, step)
+        try:
+            _restore(checkpoint, path, partial=partial)
+        except CheckpointError as e:
+            failures.append((path, str(e)))
+            continue
+        return path, failures
+    leftovers = _has_checkpoint_files(directory)
+    if failures or leftovers:
+        listed = "\n".join(f"  {p}: {r}" for p, r in failures) or (
+            "  no readable ckpt-<step>.index among " + ", ".join(leftovers[:6])
+        )
+        raise CheckpointError(
+            f"{directory} holds checkpoints but none can be restored:\n{listed}\n"
+            "Nothing was changed. Restore the files from a backup, move the "
+            "directory away to train from scratch, or fix the model/optimizer "
+            "config to match the one that wrote them."
+        )
+    return None, []
+
+
 def restore_trunk(workdir: str, trunk: keras.Model) -> str:
-    """Restores ``trunk`` from the ``trunk`` key of the newest checkpoint.
+    """Restores ``trunk`` from the ``trunk`` key of the newest readable checkpoint.
 
     Used by the export: the head and the optimizer slots in the checkpoint
     are ignored; every variable of ``trunk`` must be found.
@@ -56,16 +160,31 @@ def restore_trunk(workdir: str, trunk: keras.Model) -> str:
 
     Raises:
       FileNotFoundError: no checkpoint in ``workdir/checkpoints``.
-      CheckpointError: corrupt or mismatched checkpoint.
+      CheckpointError: checkpoints exist but none is readable (or they are
+        of another architecture).
     """
     directory = os.path.join(workdir, "checkpoints")
-    path = tf.train.latest_checkpoint(directory)
+    path, failures = _restore_newest(
+        tf.train.Checkpoint(trunk=trunk), directory, partial=True
+    )
     if path is None:
         raise FileNotFoundError(
             f"No checkpoint in {directory!r}: train with this workdir first."
         )
-    _restore(tf.train.Checkpoint(trunk=trunk), path, partial=True)
+    for bad, reason in failures:
+        logging.warning("Skipped unreadable %s (%s); exported %s.", bad, reason, path)
     return path
+
+
+def read_metrics(directory: str, step: int) -> dict[str, float]:
+    """The metrics saved with checkpoint ``step`` ({} if none were saved)."""
+    path = _prefix(directory, step) + ".metrics.json"
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 class Checkpointer:
@@ -76,7 +195,7 @@ class Checkpointer:
                           trunk=pretext.get_trunk(model))
       start_step = ckpt.restore_latest()  # 0 for a fresh run
       ...
-      ckpt.save(step)
+      ckpt.save(step, metrics)
     """
 
     def __init__(
@@ -95,46 +214,126 @@ class Checkpointer:
         self.directory = os.path.join(workdir, "checkpoints")
         self._is_chief = is_chief
         self._optimizer = optimizer
+        self._max_to_keep = max_to_keep
         objects = {"model": model, "optimizer": optimizer}
         if trunk is not None:
             objects["trunk"] = trunk
         self.checkpoint = tf.train.Checkpoint(**objects)
-        save_dir = self.directory
+        # Created now so that every write holds it (``restore`` creates it,
+        # and CheckpointManager-era checkpoints have it).
+        _ = self.checkpoint.save_counter
+        self._save_dir = self.directory
         if not is_chief:
-            save_dir = os.path.join(workdir, ".worker_tmp", f"worker_{worker_id}")
-        self._save_dir = save_dir
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, save_dir, max_to_keep=max_to_keep
-        )
+            self._save_dir = os.path.join(workdir, ".worker_tmp", f"worker_{worker_id}")
+        self.restored_metrics: dict[str, float] = {}
 
     @property
     def latest(self) -> str | None:
-        """Path prefix of the newest checkpoint in the chief's directory."""
-        return tf.train.latest_checkpoint(self.directory)
+        """Path prefix of the newest checkpoint (by index file) in the directory."""
+        steps = checkpoint_steps(self.directory)
+        return _prefix(self.directory, steps[0]) if steps else None
+
+    def _clean_leftovers(self) -> None:
+        """Removes what killed saves leave (caller holds the workdir lock)."""
+        for path in glob.glob(os.path.join(glob.escape(self.directory), "*_temp")):
+            logging.warning("Removing %s, left by an interrupted save.", path)
+            shutil.rmtree(path, ignore_errors=True)
+        for path in glob.glob(os.path.join(glob.escape(self.directory), "*.tmp-*")):
+            logging.warning("Removing %s, left by an interrupted write.", path)
+            os.remove(path)
 
     def restore_latest(self) -> int:
-        """Restores the newest checkpoint, if any; returns the global step.
+        """Restores the newest readable checkpoint, if any; returns the global step.
+
+        Unreadable newer checkpoints are moved to ``checkpoints/unreadable/``
+        (logged); ``restored_metrics`` holds the metrics saved with the one
+        restored.
 
         Raises:
-          CheckpointError: the newest checkpoint is unreadable (truncated or
-            corrupt files) or does not match the model/optimizer (another
-            architecture). The message names the checkpoint; nothing is
-            deleted, so the user can move it away and resume from an older one.
+          CheckpointError: checkpoints exist but none can be restored (each
+            is named); nothing is moved or deleted.
         """
-        path = self.latest
+        if self._is_chief:
+            self._clean_leftovers()
+        path, failures = _restore_newest(self.checkpoint, self.directory, partial=False)
         if path is None:
             logging.info("No checkpoint in %s: starting from scratch.", self.directory)
             return 0
-        _restore(self.checkpoint, path, partial=False)
+        for bad, reason in failures:
+            logging.warning(
+                "Newest checkpoint %s is unreadable (%s); resuming from %s.",
+                bad,
+                reason,
+                path,
+            )
+            if self._is_chief:
+                self._set_aside(bad)
         step = int(self._optimizer.iterations.numpy())
+        self.restored_metrics = read_metrics(self.directory, step)
         logging.info("Restored %s (step %d).", path, step)
         return step
 
-    def save(self, step: int) -> str | None:
-        """Writes a checkpoint for ``step``; returns its path on the chief."""
-        path = self.manager.save(checkpoint_number=step)
+    def _set_aside(self, prefix: str) -> None:
+        """Moves every file of checkpoint ``prefix`` to ``checkpoints/unreadable/``."""
+        target = os.path.join(
+            self.directory, "unreadable", time.strftime("%Y%m%d-%H%M%S")
+        )
+        os.makedirs(target, exist_ok=True)
+        for path in glob.glob(glob.escape(prefix) + ".*"):
+            os.replace(path, os.path.join(target, os.path.basename(path)))
+        logging.warning("Moved the files of %s to %s.", prefix, target)
+
+    def save(self, step: int, metrics: dict[str, float] | None = None) -> str | None:
+        """Writes a checkpoint for ``step``; returns its path on the chief.
+
+        Raises:
+          CheckpointError: ``step`` is 0 and the directory already holds
+            checkpoints (a run that did not resume must never write over one
+            that did).
+        """
+        prefix = _prefix(self._save_dir, step)
         if not self._is_chief:
+            self.checkpoint.write(prefix)
             shutil.rmtree(self._save_dir, ignore_errors=True)
             return None
+        existing = checkpoint_steps(self.directory)
+        if step == 0 and existing:
+            raise CheckpointError(
+                f"Refusing to write a step-0 checkpoint into {self.directory}, "
+                f"which holds checkpoints of steps {existing}."
+            )
+        os.makedirs(self.directory, exist_ok=True)
+        try:
+            files.write_atomic(
+                prefix + ".metrics.json", json.dumps(metrics or {}, sort_keys=True)
+            )
+            faults.point("checkpoint.before_write")
+            path = self.checkpoint.write(prefix)
+        except (OSError, tf.errors.OpError) as e:
+            # Not yet in the state file: remove what this save left; the
+            # older checkpoints are untouched.
+            for name in glob.glob(glob.escape(prefix) + "[._]*"):
+                if os.path.isdir(name):
+                    shutil.rmtree(name, ignore_errors=True)
+                else:
+                    os.remove(name)
+            raise CheckpointError(
+                f"Could not write checkpoint {prefix} ({type(e).__name__}: "
+                f"{_first_line(e)}); its partial files were removed and the "
+                f"checkpoints of steps {existing} are intact. A full disk? Free "
+                "space and rerun to resume."
+            ) from e
+        faults.point("checkpoint.after_write")
+        kept = sorted({step, *existing}, reverse=True)
+        newest_first = [f"{PREFIX}-{s}" for s in kept[: self._max_to_keep]]
+        state = f'model_checkpoint_path: "{newest_first[0]}"\n' + "".join(
+            f'all_model_checkpoint_paths: "{p}"\n' for p in reversed(newest_first)
+        )
+        files.write_atomic(os.path.join(self.directory, "checkpoint"), state)
+        faults.point("checkpoint.after_state")
+        for old in kept[self._max_to_keep :]:
+            for name in glob.glob(glob.escape(_prefix(self.directory, old)) + ".*"):
+                os.remove(name)
+        faults.point("checkpoint.after_cleanup")
         logging.info("Saved checkpoint %s", path)
         return path

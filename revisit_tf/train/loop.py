@@ -17,7 +17,8 @@ Structure (SimCLR tf2 / Model Garden, style guide 4.5):
   steps.
 * A run resumes from the newest checkpoint of its workdir and stops at exactly
   ``total_steps``. SIGTERM (preemption) makes it save a checkpoint at the end of
-  the current outer loop and exit cleanly.
+  the current outer loop and raise ``PreemptedError`` (exit code 75: rerun to
+  resume).
 """
 
 from __future__ import annotations
@@ -142,6 +143,10 @@ def uses_float16(model: keras.Model) -> bool:
     return any(visit(layer) for layer in model.layers)
 
 
+class PreemptedError(Exception):
+    """Training stopped early on SIGTERM, after saving a checkpoint."""
+
+
 class _Preemption:
     """Turns SIGTERM into a flag checked between outer loops."""
 
@@ -164,6 +169,18 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _op_error_summary(e: tf.errors.OpError) -> str:
+    """The informative lines of a graph error (no traceback, no node dumps)."""
+    lines = [
+        line.strip()
+        for line in (e.message or "").splitlines()
+        if line.strip()
+        and not line.lstrip().startswith(("File ", "Detected at node", "[[", "<"))
+        and "Graph execution error" not in line
+    ]
+    return " | ".join(lines[:4]) or str(e)[:500]
+
+
 def _format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -182,7 +199,7 @@ def train(
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
     strategy: tf.distribute.Strategy,
-    dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset],
+    dataset_fn: Callable[[tf.distribute.InputContext, int], tf.data.Dataset],
     total_steps: int,
     global_batch_size: int,
     workdir: str,
@@ -203,9 +220,11 @@ def train(
         its own key too (``models.pretext.get_trunk``) for the export.
       optimizer: Keras optimizer; its ``iterations`` is the global step.
       strategy: the distribution strategy.
-      dataset_fn: ``InputContext -> tf.data.Dataset`` of per-replica batches
-        (``make_train_dataset``), passed to
-        ``strategy.distribute_datasets_from_function``.
+      dataset_fn: ``(InputContext, start_step) -> tf.data.Dataset`` of
+        per-replica batches (``make_train_dataset``), passed to
+        ``strategy.distribute_datasets_from_function``; ``start_step`` is
+        the step the run resumes at, and the stream must be the one an
+        uninterrupted run sees from that step on (exact resume).
       total_steps: stop when the global step reaches this.
       global_batch_size: source examples per step over all replicas (the
         loss denominator).
@@ -223,8 +242,16 @@ def train(
 
     Returns:
       Metrics of the last outer loop: ``loss``, ``task_loss``, each
-      ``metric_fn`` key, ``learning_rate``, ``step``, ``examples_per_sec``
-      (empty if nothing ran).
+      ``metric_fn`` key, ``learning_rate``, ``step``, ``examples_per_sec``.
+      A run that finds nothing to train returns those saved with its newest
+      checkpoint (empty for checkpoints written before they were saved).
+
+    Raises:
+      CheckpointError: checkpoints exist and none can be restored.
+      FloatingPointError: the loss or the learning rate is not finite.
+      PreemptedError: SIGTERM arrived; a checkpoint of the current step was saved.
+      ValueError: bad arguments, or the first step failed inside the
+        compiled loop (the message carries TensorFlow's own first lines).
     """
     if total_steps < 0 or steps_per_loop < 1 or checkpoint_every < 1:
         raise ValueError(
@@ -255,9 +282,11 @@ def train(
     step = ckpt.restore_latest()
     if step >= total_steps:
         logging.info("Step %d >= total_steps %d: nothing to train.", step, total_steps)
-        return {}
+        return dict(ckpt.restored_metrics)
 
-    dataset = strategy.distribute_datasets_from_function(dataset_fn)
+    dataset = strategy.distribute_datasets_from_function(
+        lambda input_context: dataset_fn(input_context, step)
+    )
     iterator = iter(dataset)
 
     def step_fn(batch):
@@ -312,9 +341,23 @@ def train(
             num_steps = min(steps_per_loop, total_steps - step, next_ckpt - step)
             # Rate at the loop's first step (the schedule reads optimizer.iterations).
             lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+            if not math.isfinite(lr):
+                raise FloatingPointError(
+                    f"The learning rate is {lr} at step {step}: check the "
+                    "optimizer's and the schedule's bindings (base learning "
+                    "rate, warmup, decay)."
+                )
             t0 = time.perf_counter()
-            sums = train_loop(iterator, tf.constant(num_steps))
-            sums = {k: float(v) for k, v in sums.items()}  # blocks until done
+            try:
+                sums = train_loop(iterator, tf.constant(num_steps))
+                sums = {k: float(v) for k, v in sums.items()}  # blocks until done
+            except tf.errors.OpError as e:
+                if not first_loop:
+                    raise
+                raise ValueError(
+                    f"The first training step failed ({type(e).__name__}): "
+                    f"{_op_error_summary(e)}"
+                ) from e
             seconds = time.perf_counter() - t0
             step = int(optimizer.iterations.numpy())
             if not math.isfinite(sums["loss"]):
@@ -362,11 +405,15 @@ def train(
                 first_loop = False
                 if on_first_loop is not None and chief:
                     on_first_loop()
-            if step % checkpoint_every == 0 or step >= total_steps:
-                ckpt.save(step)
+            at_checkpoint = step % checkpoint_every == 0 or step >= total_steps
+            if at_checkpoint or preemption.requested:
+                ckpt.save(step, metrics)
             if preemption.requested and step < total_steps:
-                ckpt.save(step)
+                writer.close()
                 logging.warning("Preempted at step %d; checkpoint saved.", step)
-                break
+                raise PreemptedError(
+                    f"Preempted at step {step} of {total_steps}; checkpoint "
+                    "saved: rerun the same command to resume."
+                )
     writer.close()
     return metrics
