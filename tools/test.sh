@@ -11,4 +11,7 @@ echo "== ruff check / ruff format --check"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 echo "== pytest"
-.venv/bin/python -m pytest -q --durations=10 "$@"
+# Two worker processes, one test file each at a time (a file's module
+# fixtures and its order stay in one process): the kill tier's subprocesses
+# and TF's single-threaded tracing leave a core idle in a serial run.
+.venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 "$@"
