@@ -334,12 +334,18 @@ def test_nan_learning_rate_and_late_graph_errors_are_named(tmp_path):
 # --- the binaries: config, lock, metrics (items 3, 4, 10, 11, 12, 13) ---
 
 
+def _smoke(workdir, *bindings):
+    """revisit-train's argv for the smoke Rotation run, plus bindings."""
+    argv = ["--workdir", workdir, "--gin_file", DEMO, "--gin_file", "smoke.gin"]
+    for binding in bindings:
+        argv += ["--gin_bindings", binding]
+    return argv
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("nothing_lost") / "rotation")
-    cli.train_main(
-        ["--workdir", workdir, "--gin_file", DEMO, "--gin_file", "smoke.gin"]
-    )
+    cli.train_main(_smoke(workdir))
     return workdir
 
 
@@ -357,7 +363,7 @@ def test_changed_config_on_trained_workdir_is_refused(trained):
     with open(os.path.join(trained, "config.gin")) as f:
         config = f.read()
     before = _files(trained)
-    args = ["--workdir", trained, "--gin_file", DEMO, "--gin_file", "smoke.gin"]
+    args = _smoke(trained)
     with pytest.raises(cli.ConfigChangedError, match="build_trunk.width"):
         cli.train_main([*args, "--gin_bindings", "build_trunk.width = 0.5"])
     with pytest.raises(cli.ConfigChangedError):
@@ -369,7 +375,7 @@ def test_changed_config_on_trained_workdir_is_refused(trained):
 
 def test_force_keeps_the_old_config_named(tmp_path):
     workdir = str(tmp_path / "w")
-    args = ["--workdir", workdir, "--gin_file", DEMO, "--gin_file", "smoke.gin"]
+    args = _smoke(workdir)
     cli.train_main(args)
     with open(os.path.join(workdir, "config.gin")) as f:
         old = f.read()
@@ -385,36 +391,14 @@ def test_force_keeps_the_old_config_named(tmp_path):
 def test_failing_run_records_no_config(tmp_path):
     workdir = str(tmp_path / "w")
     with pytest.raises(ValueError, match="larger than the 256 examples"):
-        cli.train_main(
-            [
-                "--workdir",
-                workdir,
-                "--gin_file",
-                DEMO,
-                "--gin_file",
-                "smoke.gin",
-                "--gin_bindings",
-                "pretrain.global_batch_size = 512",
-            ]
-        )
+        cli.train_main(_smoke(workdir, "pretrain.global_batch_size = 512"))
     assert not os.path.exists(os.path.join(workdir, "config.gin"))
     for binding, message in (
         ("pretrain.steps = 0", "at least one step"),
         ("reference_schedule.lr = 1e400", "learning rate is inf at step 0"),
     ):
         with pytest.raises(ValueError, match=message):
-            cli.train_main(
-                [
-                    "--workdir",
-                    workdir,
-                    "--gin_file",
-                    DEMO,
-                    "--gin_file",
-                    "smoke.gin",
-                    "--gin_bindings",
-                    binding,
-                ]
-            )
+            cli.train_main(_smoke(workdir, binding))
     assert not os.path.exists(os.path.join(workdir, "config.gin"))
 
 
@@ -423,9 +407,7 @@ def test_rerun_with_nothing_to_train_rewrites_train_metrics(trained):
     with open(path) as f:
         metrics = json.load(f)
     os.remove(path)  # as a kill after the last checkpoint leaves it
-    cli.train_main(
-        ["--workdir", trained, "--gin_file", DEMO, "--gin_file", "smoke.gin"]
-    )
+    cli.train_main(_smoke(trained))
     with open(path) as f:
         assert json.load(f) == metrics
     assert metrics["step"] == 4

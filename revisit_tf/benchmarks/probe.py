@@ -56,6 +56,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from revisit_tf import files
+
 _TEST_ROWS = 10_000
 # name -> (lbfgs solver, precondition) of our probe; "sklearn" is the baseline.
 _OURS = {
@@ -617,10 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(_table(rows, equal, streamed, args))
     if args.output:
-        tmp_path = f"{args.output}.tmp-{os.getpid()}"
-        with open(tmp_path, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp_path, args.output)
+        files.write_atomic(args.output, json.dumps(result, indent=1))
     return 0
 
 

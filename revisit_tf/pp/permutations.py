@@ -30,9 +30,10 @@ import itertools
 import logging
 import math
 import os
-import uuid
 
 import numpy as np
+
+from revisit_tf import files
 
 PERM_LENGTH = 9  # 3x3 grid (reference 4.3).
 # Statistics of the published permutations_100_max.bin (reference 4.6).
@@ -256,20 +257,13 @@ def describe_permutations(permutations: np.ndarray) -> dict:
 def write_permutation_file(path: str, permutations: np.ndarray) -> None:
     """Writes a 0-based table in the original 1-based binary format, atomically.
 
-    The bytes go to a temporary sibling that is renamed over ``path``, so a
-    crash never leaves a half-written file.
+    Written through ``files.write_atomic``: a crash never leaves a
+    half-written file.
     """
     data = permutation_file_bytes(permutations)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    files.write_atomic(path, data)
 
 
 def file_sha256(path: str) -> str:

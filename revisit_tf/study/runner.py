@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import resource
@@ -41,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
+from revisit_tf import files
 from revisit_tf.study import executors as executors_lib
 from revisit_tf.study import spec as spec_lib
 from revisit_tf.study import state
@@ -93,24 +93,13 @@ class Summary:
 
 @contextlib.contextmanager
 def study_lock(study_dir: str) -> Iterator[None]:
-    """Exclusive, non-blocking ``flock`` on ``study_dir/.lock``."""
-    os.makedirs(study_dir, exist_ok=True)
-    path = os.path.join(study_dir, ".lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    """Exclusive, non-blocking lock of ``study_dir`` (``files.workdir_lock``)."""
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            raise StudyLockedError(
-                f"{study_dir} is in use by another runner ({holder or 'unknown'}); "
-                "wait for it to finish or stop it first."
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            stack.enter_context(files.workdir_lock(study_dir, "revisit-study runner"))
+        except files.WorkdirLockedError as e:
+            raise StudyLockedError(f"in use by another runner: {e}") from None
         yield
-    finally:
-        os.close(fd)
 
 
 def _is_done(study_dir: str, job: spec_lib.Job) -> bool:

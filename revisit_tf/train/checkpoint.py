@@ -150,29 +150,39 @@ def _restore_newest(
 
 
 def restore_trunk(workdir: str, trunk: keras.Model) -> str:
-    """Restores ``trunk`` from the ``trunk`` key of the newest readable checkpoint.
+    """Restores ``trunk`` from the ``trunk`` key of the newest checkpoint.
 
     Used by the export: the head and the optimizer slots in the checkpoint
-    are ignored; every variable of ``trunk`` must be found.
+    are ignored; every variable of ``trunk`` must be found. Unlike training,
+    the export never falls back to an older checkpoint: an export of another
+    step than the newest would silently stand for the finished run.
 
     Returns:
       The checkpoint path restored.
 
     Raises:
       FileNotFoundError: no checkpoint in ``workdir/checkpoints``.
-      CheckpointError: checkpoints exist but none is readable (or they are
-        of another architecture).
+      CheckpointError: the newest checkpoint is unreadable (or of another
+        architecture); rerunning revisit-train resumes from the newest
+        readable one and repairs it.
     """
     directory = os.path.join(workdir, "checkpoints")
-    path, failures = _restore_newest(
-        tf.train.Checkpoint(trunk=trunk), directory, partial=True
-    )
-    if path is None:
+    steps = checkpoint_steps(directory)
+    if not steps:
+        if _has_checkpoint_files(directory):
+            _restore_newest(tf.train.Checkpoint(trunk=trunk), directory, partial=True)
         raise FileNotFoundError(
             f"No checkpoint in {directory!r}: train with this workdir first."
         )
-    for bad, reason in failures:
-        logging.warning("Skipped unreadable %s (%s); exported %s.", bad, reason, path)
+    path = _prefix(directory, steps[0])
+    try:
+        _restore(tf.train.Checkpoint(trunk=trunk), path, partial=True)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"{e} The export uses the newest checkpoint only: rerun "
+            "revisit-train on this workdir (it resumes from the newest readable "
+            "checkpoint and writes this step again), then export."
+        ) from e
     return path
 
 
