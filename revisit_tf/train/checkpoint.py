@@ -21,7 +21,9 @@ scratch):
   ``checkpoints/unreadable/`` (never deleted) and the log says which;
 * if checkpoints exist and none can be read, ``CheckpointError`` names each
   and nothing is touched: a run never writes a step-0 checkpoint into a
-  directory holding other checkpoints.
+  directory holding other checkpoints;
+* data files without an index (TF writes the index last, so these are saves
+  killed half-way, never restorable) are moved to ``checkpoints/unreadable/``.
 
 Save order: metrics file, then the checkpoint (``Checkpoint.write``), then the
 state file (``files.write_atomic``), then the deletion of checkpoints beyond
@@ -109,10 +111,19 @@ def _prefix(directory: str, step: int) -> str:
     return os.path.join(directory, f"{PREFIX}-{step}")
 
 
-def _has_checkpoint_files(directory: str) -> list[str]:
+_DATA = re.compile(rf"^{PREFIX}-(\d+)\.data-\d+-of-\d+$")
+
+
+def _orphan_data(directory: str) -> list[str]:
+    """Data files of checkpoints whose index was never written (a killed save)."""
     if not os.path.isdir(directory):
         return []
-    return sorted(n for n in os.listdir(directory) if n.startswith(PREFIX + "-"))
+    steps = set(checkpoint_steps(directory))
+    return sorted(
+        name
+        for name in os.listdir(directory)
+        if (match := _DATA.match(name)) and int(match.group(1)) not in steps
+    )
 
 
 def _restore_newest(
@@ -135,11 +146,8 @@ def _restore_newest(
             failures.append((path, str(e)))
             continue
         return path, failures
-    leftovers = _has_checkpoint_files(directory)
-    if failures or leftovers:
-        listed = "\n".join(f"  {p}: {r}" for p, r in failures) or (
-            "  no readable ckpt-<step>.index among " + ", ".join(leftovers[:6])
-        )
+    if failures:
+        listed = "\n".join(f"  {p}: {r}" for p, r in failures)
         raise CheckpointError(
             f"{directory} holds checkpoints but none can be restored:\n{listed}\n"
             "Nothing was changed. Restore the files from a backup, move the "
@@ -169,8 +177,6 @@ def restore_trunk(workdir: str, trunk: keras.Model) -> str:
     directory = os.path.join(workdir, "checkpoints")
     steps = checkpoint_steps(directory)
     if not steps:
-        if _has_checkpoint_files(directory):
-            _restore_newest(tf.train.Checkpoint(trunk=trunk), directory, partial=True)
         raise FileNotFoundError(
             f"No checkpoint in {directory!r}: train with this workdir first."
         )
@@ -265,6 +271,10 @@ class Checkpointer:
         """
         if self._is_chief:
             self._clean_leftovers()
+            for name in _orphan_data(self.directory):
+                # TF writes a checkpoint's index last: data without an index
+                # is a save killed half-way, never a restorable checkpoint.
+                self._set_aside(os.path.join(self.directory, name), exact=True)
         path, failures = _restore_newest(self.checkpoint, self.directory, partial=False)
         if path is None:
             logging.info("No checkpoint in %s: starting from scratch.", self.directory)
@@ -283,13 +293,15 @@ class Checkpointer:
         logging.info("Restored %s (step %d).", path, step)
         return step
 
-    def _set_aside(self, prefix: str) -> None:
-        """Moves every file of checkpoint ``prefix`` to ``checkpoints/unreadable/``."""
+    def _set_aside(self, prefix: str, *, exact: bool = False) -> None:
+        """Moves the files of checkpoint ``prefix`` (``exact``: the file
+        ``prefix`` alone) to ``checkpoints/unreadable/<time>/``."""
         target = os.path.join(
             self.directory, "unreadable", time.strftime("%Y%m%d-%H%M%S")
         )
         os.makedirs(target, exist_ok=True)
-        for path in glob.glob(glob.escape(prefix) + ".*"):
+        paths = [prefix] if exact else glob.glob(glob.escape(prefix) + ".*")
+        for path in paths:
             os.replace(path, os.path.join(target, os.path.basename(path)))
         logging.warning("Moved the files of %s to %s.", prefix, target)
 
