@@ -9,12 +9,10 @@ final metrics, the same exported features and the same probe accuracy.
 
 Kill points come from tracing the reference chain (``faults.trace_to``): the
 names the library marks with ``faults.point`` and how often each is reached.
-CI kills every point name at its last occurrence (and the checkpoint and
-export points at every occurrence); ``REVISIT_TF_FAULT_TIER=full`` kills
-every occurrence of every point. Each kill is a SIGKILL the process sends
+CI kills every point name at its last occurrence, plus once after the first
+checkpoint (a resume mid-run): 16 kills; ``REVISIT_TF_FAULT_TIER=full`` kills
+every occurrence of every point: 43 kills. Each kill is a SIGKILL the process sends
 itself at that point (``REVISIT_TF_FAULT=NAME@N``): no ``finally``, no flush.
-A kill inside TensorFlow's own checkpoint renames comes from ``strace``'s
-syscall fault injection where strace is installed.
 """
 
 import collections
