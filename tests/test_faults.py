@@ -230,6 +230,32 @@ def test_killed_at_a_point_the_next_run_ends_correct(reference, kind, name, occu
     TALLY["kill points"] += 1
 
 
+# Inside TensorFlow's own checkpoint write: strace's syscall fault injection
+# SIGKILLs the process on entering its N-th rename(2). The smoke run renames 14
+# times: 1-4 our records (trunk_config, config.gin, operative config, the
+# step-2 metrics), 5-7 TF's save of ckpt-2 (its part files, then the data file
+# into place; the index is written after), 8 the state file, 9 the step-4
+# metrics, 10-12 TF's save of ckpt-4, 13 the state file, 14 train_metrics.
+RENAMES = range(1, 15) if FULL else (7, 12)
+
+
+@pytest.mark.parametrize("rename", RENAMES)
+def test_killed_inside_a_rename_the_next_run_ends_correct(reference, rename):
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed (tools/test.sh installs it as root)")
+    workdir = str(reference["root"] / f"strace-{rename}")
+    inject = f"inject=rename,renameat,renameat2:signal=KILL:when={rename}"
+    proc = _spawn(
+        "train", workdir, prefix=[strace, "-f", "-qq", "-o", "/dev/null", "-e", inject]
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    _run_in_process("train", workdir)
+    _check_correct(reference, workdir, "train")
+    TALLY["kills inside renames"] += 1
+
+
 # --- corrupted files: the next run repairs what it can and never starts over
 
 
