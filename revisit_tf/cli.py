@@ -304,7 +304,11 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     parse_gin(args.gin_file, args.gin_bindings)
     chief = not suffix
     # Multi-worker tasks share the chief's workdir: the chief holds the lock.
-    lock = files.workdir_lock(args.workdir, "revisit-train") if chief else _no_lock()
+    lock = (
+        files.workdir_lock(args.workdir, "revisit-train")
+        if chief
+        else contextlib.nullcontext()
+    )
     with lock:
         record_config = _config_recorder(args.workdir, force=args.force)
 
@@ -345,11 +349,6 @@ def probe_main(argv: Sequence[str] | None = None) -> None:
     with files.workdir_lock(args.workdir, "revisit-probe"):
         rows = configurables.linear_probe(workdir=args.workdir)
     print(experiments.tables.report_tables(rows))
-
-
-@contextlib.contextmanager
-def _no_lock():
-    yield None
 
 
 def _install_faults() -> None:

@@ -142,23 +142,26 @@ def _model(strategy):
     return model, optimizer
 
 
-def _train(workdir, total_steps):
-    keras.utils.set_random_seed(0)
-    strategy = tf.distribute.get_strategy()
-    model, optimizer = _model(strategy)
-    metrics = loop_lib.train(
+def _loop(model, optimizer, workdir, total_steps, loss_fn=losses.softmax_xent):
+    """``loop.train`` on one device with the test stream, 5 steps per loop."""
+    return loop_lib.train(
         model=model,
         optimizer=optimizer,
-        strategy=strategy,
+        strategy=tf.distribute.get_strategy(),
         dataset_fn=_dataset_fn(),
         total_steps=total_steps,
         global_batch_size=BATCH,
         workdir=workdir,
-        loss_fn=losses.softmax_xent,
+        loss_fn=loss_fn,
         steps_per_loop=5,
         checkpoint_every=10,
     )
-    return model, metrics
+
+
+def _train(workdir, total_steps):
+    keras.utils.set_random_seed(0)
+    model, optimizer = _model(tf.distribute.get_strategy())
+    return model, _loop(model, optimizer, workdir, total_steps)
 
 
 def test_100_steps_equal_50_kill_50(tmp_path):
@@ -307,32 +310,14 @@ def test_nan_learning_rate_and_late_graph_errors_are_named(tmp_path):
     with strategy.scope():
         optimizer = optim.sgd(float("nan"))
     with pytest.raises(FloatingPointError, match="learning rate is nan at step 0"):
-        loop_lib.train(
-            model=model,
-            optimizer=optimizer,
-            strategy=strategy,
-            dataset_fn=_dataset_fn(),
-            total_steps=2,
-            global_batch_size=BATCH,
-            workdir=str(tmp_path / "nan"),
-            loss_fn=losses.softmax_xent,
-        )
+        _loop(model, optimizer, str(tmp_path / "nan"), 2)
 
     def per_row(batch, outputs):  # [B * 4] instead of [B]: fails in the graph
         return losses.xent_rows(batch["label"], outputs["logits"])
 
     model, optimizer = _model(strategy)
     with pytest.raises(ValueError, match=r"first training step failed.*\[B\] values"):
-        loop_lib.train(
-            model=model,
-            optimizer=optimizer,
-            strategy=strategy,
-            dataset_fn=_dataset_fn(),
-            total_steps=2,
-            global_batch_size=BATCH,
-            workdir=str(tmp_path / "rows"),
-            loss_fn=per_row,
-        )
+        _loop(model, optimizer, str(tmp_path / "rows"), 2, loss_fn=per_row)
 
 
 # --- the binaries: config, lock, metrics (items 3, 4, 10, 11, 12, 13) ---

@@ -127,7 +127,7 @@ def _orphan_data(directory: str) -> list[str]:
 
 
 def _restore_newest(
-    checkpoint: tf.train.Checkpoint, directory: str, *, partial: bool
+    checkpoint: tf.train.Checkpoint, directory: str
 ) -> tuple[str | None, list[tuple[str, str]]]:
     """Restores the newest readable checkpoint.
 
@@ -141,7 +141,7 @@ def _restore_newest(
     for step in checkpoint_steps(directory):
         path = _prefix(directory, step)
         try:
-            _restore(checkpoint, path, partial=partial)
+            _restore(checkpoint, path, partial=False)
         except CheckpointError as e:
             failures.append((path, str(e)))
             continue
@@ -275,7 +275,7 @@ class Checkpointer:
                 # TF writes a checkpoint's index last: data without an index
                 # is a save killed half-way, never a restorable checkpoint.
                 self._set_aside(os.path.join(self.directory, name), exact=True)
-        path, failures = _restore_newest(self.checkpoint, self.directory, partial=False)
+        path, failures = _restore_newest(self.checkpoint, self.directory)
         if path is None:
             logging.info("No checkpoint in %s: starting from scratch.", self.directory)
             return 0
