@@ -9,11 +9,8 @@ be parsed on its own.
 
 from __future__ import annotations
 
-import os
-import sysconfig
-
 import gin
-from revisit_tf import experiments
+from revisit_tf import experiments, resources
 from revisit_tf.models import factory, heads, pretext
 from revisit_tf.pp import permutations
 from revisit_tf.study import spec as study_spec
@@ -71,16 +68,11 @@ for _fn in (
 
 
 def gin_search_paths() -> list[str]:
-    """Directories holding the shipped gin files, most specific first.
+    """Directories gin searches for ``--gin_file`` names and ``include`` lines.
 
-    The source tree's ``gin/`` (editable installs, checkouts) and
-    ``<prefix>/share/revisit_tf/gin`` (wheel installs, see setup.cfg
-    data_files). Used so that ``--gin_file=demo/fashion_mnist_rotation.gin``
-    works from any working directory.
+    Only the package's own ``revisit_tf/configs`` (``resources.gin_dir``,
+    found through ``importlib.resources`` in every kind of install), so
+    ``--gin_file=demo/fashion_mnist_rotation.gin`` works from any working
+    directory. (gin itself first tries a name as a path.)
     """
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [
-        os.path.join(os.path.dirname(here), "gin"),
-        os.path.join(sysconfig.get_path("data"), "share", "revisit_tf", "gin"),
-    ]
-    return [p for p in candidates if os.path.isdir(p)]
+    return [resources.gin_dir()]

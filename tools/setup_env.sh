@@ -5,10 +5,11 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# Python 3.11-3.13 (setup.cfg python_requires; TensorFlow 2.20/2.21 wheels).
 PYTHON=${PYTHON:-python3}
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-  echo "revisit_tf needs Python 3.11 (tensorflow 2.21 pins); $PYTHON is $("$PYTHON" -V 2>&1)." >&2
-  echo "Set PYTHON=/path/to/python3.11." >&2
+if ! "$PYTHON" -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))'; then
+  echo "revisit_tf needs Python 3.11, 3.12 or 3.13; $PYTHON is $("$PYTHON" -V 2>&1)." >&2
+  echo "Set PYTHON=/path/to/python3.1x." >&2
   exit 1
 fi
 if [ ! -x .venv/bin/python ]; then
