@@ -657,3 +657,52 @@ def test_read_idx_refuses_devices_and_fifos(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match="not a regular file"):
         idx.read_idx(fifo)
+
+
+# ---------------------------------------------------------------------------
+# Issue 13 item 4: a TFDS dataset without a label feature is an unlabelled
+# source ({"image"} only), not an error.
+
+
+class RevisitTinyUnlabelled(tfds.core.GeneratorBasedBuilder):
+    """12 train images and an id, no label and no supervised_keys."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(2, 2, 3)),
+                    "id": tfds.features.Tensor(shape=(), dtype=np.int64),
+                }
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples(12)}
+
+    def _generate_examples(self, num):
+        for i in range(num):
+            yield i, {"image": np.full((2, 2, 3), i, np.uint8), "id": i}
+
+
+def test_tfds_without_labels_is_an_unlabelled_source(tmp_path, tiny_tfds_dir):
+    data_dir = str(tmp_path)
+    RevisitTinyUnlabelled(data_dir=data_dir).download_and_prepare()
+    name = "revisit_tiny_unlabelled"
+    ds = get_source(name, "train[:10]", data_dir=data_dir)
+    assert set(ds.element_spec) == {"image"}
+    ids = _ids(ds)  # TFDS's stored order (by key hash): 10 distinct of 12
+    assert len(set(ids)) == 10 and set(ids) <= set(range(12))
+    assert not sources.has_labels(name, data_dir=data_dir)
+    with pytest.raises(ValueError, match=r"'train\[:10\]', has no labels") as info:
+        sources.require_labels(
+            name, "train[:10]", data_dir=data_dir, needed_by="linear_probe"
+        )
+    assert "['id', 'image']" in str(info.value) and "linear_probe" in str(info.value)
+    # Labelled datasets are unchanged.
+    assert sources.has_labels("revisit_tiny_numbers", data_dir=tiny_tfds_dir)
+    assert sources.has_labels("fashion_mnist_idx")

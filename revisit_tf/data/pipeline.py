@@ -1,7 +1,8 @@
 """Input pipelines: stage 1 (sources) -> stage 2 (pp) glue, per replica.
 
 Contract: ``make_train_dataset`` and ``make_eval_dataset`` take a source
-dataset of ``{"image", "label"}`` (``data.sources.get_source``) and a
+dataset of ``{"image", "label"}`` or, unlabelled, ``{"image"}``
+(``data.sources.get_source``; the pipelines never look inside) and a
 preprocessing function ``dict -> dict`` (a ``pp`` pipeline) and return the
 batched dataset ONE input pipeline feeds to its replicas: every leaf gets a
 leading per-replica batch dimension. They are meant to be called from the
@@ -109,8 +110,9 @@ def make_train_dataset(
     order and augmentation are random and a resumed stream restarts.
 
     Args:
-      source: Dataset of ``{"image", "label"}`` examples, or a zero-argument
-        callable building it (so that each worker builds its own).
+      source: Dataset of ``{"image", "label"}`` (or ``{"image"}``) examples,
+        or a zero-argument callable building it (so that each worker builds
+        its own).
       preprocess_fn: ``dict -> dict`` applied to every example after shuffling.
       global_batch_size: Examples per step over all replicas (the paper's ``B``,
         reference section 7.1); must be divisible by the number of replicas.

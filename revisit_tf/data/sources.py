@@ -2,7 +2,10 @@
 
 Contract: ``get_source(name, split)`` returns a finite, deterministically
 ordered (no file shuffling) ``tf.data.Dataset`` of
-``{"image": uint8 [H, W, C], "label": int64 []}``; nothing else is kept.
+``{"image": uint8 [H, W, C], "label": int64 []}``, or of
+``{"image": uint8 [H, W, C]}`` alone for an unlabelled source (which a
+self-supervised pretext can still train on: its pp makes its labels);
+nothing else is kept. ``has_labels(name)`` says which, without reading.
 ``num_examples(name, split)`` is its exact length, for step arithmetic
 (reference section 7.1). An empty split is an error of both, naming the
 dataset and the split, raised before anything is read. ``data.pipeline``
@@ -14,9 +17,22 @@ Names:
     ``fashion_mnist``, ...), read from an already prepared ``data_dir`` with
     ``tfds.builder(name, data_dir=...).as_dataset(shuffle_files=False)``.
     Nothing is ever downloaded or prepared here.
+    A TFDS dataset without a label feature (no ``supervised_keys`` and no
+    ``label``) is unlabelled; its image is the ``image`` feature.
   * offline array sources registered in ``_ARRAY_SOURCES``; today
     ``fashion_mnist_idx``, the idx files of Debian's ``dataset-fashion-mnist``
     package (``data.idx``). ``register_array_source`` adds more.
+  * ``image_folder``: your own JPEG/PNG files, ``data_dir`` being the folder
+    (local or any ``tf.io.gfile`` URL such as ``gs://bucket/photos``); listing,
+    labels, order and checks in ``data.folder``. Options follow a ``/``:
+    ``image_folder/labels=none`` (``auto``: class sub-folders give labels, a
+    flat folder none; ``folders``; ``none``) and ``channels=1|3|4`` (default
+    3: grayscale is replicated, alpha dropped), e.g.
+    ``image_folder/labels=none,channels=1``. Images are decoded in the source,
+    keeping their sizes (``pp`` crops and resizes), so an image folder can
+    stand in for ``imagenet2012`` in any config. Its one official split is
+    ``train`` (every image); ``val`` is its last 2% and ``test`` does not
+    exist: use slices such as ``train[-10%:]``.
 
 Splits are the paper's aliases (reference section 2, split table):
 
@@ -57,12 +73,15 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from revisit_tf.data import idx
+from revisit_tf.data import folder, idx
 
 SPLIT_ALIASES = ("train", "val", "trainval", "test")
 # Held-out percentage of the official training split for datasets without a
 # `num_held_out` (our choice; the paper only defines ImageNet's).
 DEFAULT_HELD_OUT_PERCENT = 2
+IMAGE_FOLDER = "image_folder"
+# `image_folder/<key>=<value>,...` options and their defaults.
+_FOLDER_OPTIONS = {"labels": "auto", "channels": "3"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +156,7 @@ def register_array_source(
     Raises:
       ValueError: ``name`` is taken.
     """
-    if name in _ARRAY_SOURCES or name in _tfds_names():
+    if name in _ARRAY_SOURCES or name in _tfds_names() or name == IMAGE_FOLDER:
         raise ValueError(f"Data source name {name!r} is already taken.")
     _ARRAY_SOURCES[name] = source
     _SPLIT_CONVENTIONS[name] = convention or SplitConvention()
@@ -161,6 +180,9 @@ def _check_name(name: str, data_dir: str | None) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"Dataset name must be a non-empty string, got {name!r}.")
     base = _base_name(name)
+    if base == IMAGE_FOLDER:
+        _folder_options(name)
+        return
     if base in _ARRAY_SOURCES or base in _tfds_names():
         return
     try:  # A dataset prepared in data_dir without registered code still loads.
@@ -170,13 +192,39 @@ def _check_name(name: str, data_dir: str | None) -> None:
         pass
     raise ValueError(
         f"Unknown dataset {name!r}. Did you mean one of {_close_names(base)}? "
-        "Expected a TFDS dataset name (see `tfds.list_builders()`) or an offline "
-        f"source {sorted(_ARRAY_SOURCES)}."
+        "Expected a TFDS dataset name (see `tfds.list_builders()`), an offline "
+        f"source {sorted(_ARRAY_SOURCES)} or {IMAGE_FOLDER!r} (a folder of images "
+        "given as data_dir)."
     )
 
 
+def _folder_options(name: str) -> dict[str, str]:
+    """``"image_folder/labels=none,channels=1"`` -> its options (defaults filled)."""
+    options = dict(_FOLDER_OPTIONS)
+    form = (
+        f"expected {IMAGE_FOLDER!r} or '{IMAGE_FOLDER}/<key>=<value>,...' with "
+        f"labels in {list(folder.LABEL_MODES)} and channels in [1, 3, 4], e.g. "
+        f"'{IMAGE_FOLDER}/labels=none,channels=1'"
+    )
+    if name != IMAGE_FOLDER:
+        if not name.startswith(IMAGE_FOLDER + "/"):
+            raise ValueError(f"Bad image folder source {name!r}; {form}.")
+        for item in name[len(IMAGE_FOLDER) + 1 :].split(","):
+            key, _, value = item.partition("=")
+            if key not in options or not value:
+                raise ValueError(f"Bad option {item!r} of {name!r}; {form}.")
+            options[key] = value
+    if options["labels"] not in folder.LABEL_MODES or options["channels"] not in (
+        "1",
+        "3",
+        "4",
+    ):
+        raise ValueError(f"Bad image folder source {name!r}; {form}.")
+    return options
+
+
 def _close_names(name: str) -> list[str]:
-    candidates = sorted(_tfds_names() | set(_ARRAY_SOURCES))
+    candidates = sorted(_tfds_names() | set(_ARRAY_SOURCES) | {IMAGE_FOLDER})
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
     # difflib misses prefixes of long names ("imagenet" -> "imagenet2012").
     prefixed = [c for c in candidates if c.startswith(name) and c not in close]
@@ -274,6 +322,17 @@ def _official_train_size(name: str, sizes: dict[str, int]) -> int:
     return sizes["train"]
 
 
+def _slice_of(name: str, spec: str, sizes: Mapping[str, int]) -> tuple[str, int, int]:
+    """``(official split, start, stop)`` of a slice of an in-memory listing."""
+    parsed = _parse_slice(spec)
+    if parsed.split not in sizes:
+        raise ValueError(
+            f"Split {spec!r} of {name!r} refers to unknown official split "
+            f"{parsed.split!r}; official splits are {sorted(sizes)}."
+        )
+    return (parsed.split, *parsed.bounds(sizes[parsed.split], spec))
+
+
 class _ArrayReader:
     """Reads a registered ``ArraySource`` from ``data_dir``."""
 
@@ -290,14 +349,14 @@ class _ArrayReader:
         return _official_train_size(self.name, self.official_sizes())
 
     def _slice(self, spec: str) -> tuple[str, int, int]:
-        parsed = _parse_slice(spec)
-        if parsed.split not in self.splits:
-            raise ValueError(
-                f"Split {spec!r} of {self.name!r} refers to unknown official split "
-                f"{parsed.split!r}; official splits are {sorted(self.splits)}."
-            )
-        num = len(self.splits[parsed.split][1])
-        return (parsed.split, *parsed.bounds(num, spec))
+        return _slice_of(self.name, spec, self.official_sizes())
+
+    def unlabelled_because(self) -> None:
+        """None: array sources always have labels."""
+        return None
+
+    def class_names(self) -> None:
+        return None
 
     def count(self, spec: str) -> int:
         _, start, stop = self._slice(spec)
@@ -392,20 +451,44 @@ class _TfdsReader:
         self._check_official(spec)
         return max(0, self.builder.info.splits[spec].num_examples)
 
+    def _keys(self) -> tuple[str, str | None]:
+        """The image and label feature names; no label: None (unlabelled)."""
+        keys = self.builder.info.supervised_keys
+        if keys:
+            return keys[0], keys[1]
+        features = self.builder.info.features or {}
+        return "image", "label" if "label" in features else None
+
+    def unlabelled_because(self) -> str | None:
+        """Why the dataset has no labels, or None when it has them."""
+        if self._keys()[1] is not None:
+            return None
+        features = sorted(self.builder.info.features or {})
+        return (
+            f"its TFDS features {features} have no 'label' and it declares no "
+            "supervised_keys"
+        )
+
+    def class_names(self) -> tuple[str, ...] | None:
+        label_key = self._keys()[1]
+        feature = (self.builder.info.features or {}).get(label_key)
+        names = getattr(feature, "names", None)
+        return tuple(names) if names else None
+
     def read(self, spec: str) -> tf.data.Dataset:
         self._check_official(spec)
         try:
             ds = self.builder.as_dataset(split=spec, shuffle_files=False)
         except AssertionError as e:  # TFDS's "could not find data" signal.
             raise self._not_prepared() from e
-        keys = self.builder.info.supervised_keys
-        image_key, label_key = keys[:2] if keys else ("image", "label")
+        image_key, label_key = self._keys()
         spec_keys = ds.element_spec
         for key in (image_key, label_key):
-            if not isinstance(key, str) or key not in spec_keys:
+            if key is not None and (not isinstance(key, str) or key not in spec_keys):
                 raise ValueError(
                     f"Dataset {self.name!r} has features {sorted(spec_keys)}; "
-                    f"cannot find an image and a label feature (wanted {key!r})."
+                    f"cannot find its {'label' if key == label_key else 'image'} "
+                    f"feature {key!r}."
                 )
         if spec_keys[image_key].dtype != tf.uint8:
             raise ValueError(
@@ -414,6 +497,8 @@ class _TfdsReader:
             )
 
         def to_contract(example):
+            if label_key is None:
+                return {"image": example[image_key]}
             return {
                 "image": example[image_key],
                 "label": tf.cast(example[label_key], tf.int64),
@@ -422,9 +507,81 @@ class _TfdsReader:
         return ds.map(to_contract, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _open(name: str, data_dir: str | os.PathLike | None) -> _ArrayReader | _TfdsReader:
+class _ImageFolderReader:
+    """Reads a folder of JPEG/PNG files (``data.folder``); one split, ``train``."""
+
+    def __init__(self, name: str, data_dir: str | None):
+        options = _folder_options(name)
+        self.name = name
+        self.channels = int(options["channels"])
+        self.listing = folder.list_image_folder(data_dir, options["labels"])
+
+    def official_sizes(self) -> dict[str, int]:
+        return {"train": len(self.listing.paths)}
+
+    def train_size(self) -> int:
+        return len(self.listing.paths)
+
+    def unlabelled_because(self) -> str | None:
+        if self.listing.labels is not None:
+            return None
+        if _folder_options(self.name)["labels"] == "none":
+            return f"it is read with labels=none ({self.name!r})"
+        return (
+            f"the folder {self.listing.root!r} has no class sub-folders (its images "
+            "lie directly in it)"
+        )
+
+    def class_names(self) -> tuple[str, ...] | None:
+        return self.listing.class_names
+
+    def count(self, spec: str) -> int:
+        _, start, stop = _slice_of(self.name, spec, self.official_sizes())
+        return stop - start
+
+    def known_count(self, spec: str) -> int:
+        """``count``: the listing is in memory."""
+        return self.count(spec)
+
+    def read(self, spec: str) -> tf.data.Dataset:
+        _, start, stop = _slice_of(self.name, spec, self.official_sizes())
+        columns = {"path": list(self.listing.paths[start:stop])}
+        if self.listing.labels is not None:
+            columns["label"] = tf.constant(self.listing.labels[start:stop], tf.int64)
+        channels = self.channels
+
+        def load(example):
+            path = example.pop("path")
+            data = tf.io.read_file(path)
+            # The listing checked every file's signature; this names a file
+            # replaced since, instead of an anonymous decode error.
+            signature = tf.logical_or(
+                tf.strings.substr(data, 0, 3) == folder.JPEG_MAGIC,
+                tf.strings.substr(data, 0, 8) == folder.PNG_MAGIC,
+            )
+            check = tf.debugging.Assert(
+                signature, ["image_folder: not a JPEG or PNG file:", path]
+            )
+            with tf.control_dependencies([check]):
+                image = tf.io.decode_image(
+                    data, channels=channels, expand_animations=False
+                )
+            image.set_shape([None, None, channels])
+            return {"image": image, **example}
+
+        ds = tf.data.Dataset.from_tensor_slices(columns)
+        # deterministic: the source's order is part of its contract.
+        return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+_Reader = _ArrayReader | _TfdsReader | _ImageFolderReader
+
+
+def _open(name: str, data_dir: str | os.PathLike | None) -> _Reader:
     data_dir = None if data_dir is None else os.fspath(data_dir)
     _check_name(name, data_dir)
+    if _base_name(name) == IMAGE_FOLDER:
+        return _ImageFolderReader(name, data_dir)
     if _base_name(name) in _ARRAY_SOURCES:
         return _ArrayReader(name, data_dir)
     return _TfdsReader(name, data_dir)
@@ -441,8 +598,8 @@ def _resolve(name: str, split: str, train_size: Callable[[], int]) -> str:
     base = _base_name(name)
     convention = _SPLIT_CONVENTIONS.get(base, SplitConvention())
     if "[" in split:
-        if base in _ARRAY_SOURCES:
-            _parse_slice(split)  # Array sources speak only the slice subset.
+        if base in _ARRAY_SOURCES or base == IMAGE_FOLDER:
+            _parse_slice(split)  # In-memory sources speak only the slice subset.
         return split
     if split == "trainval":
         return "train"
@@ -527,18 +684,22 @@ def get_source(
 
     Args:
       name: A TFDS dataset name (``imagenet2012``, ``cifar10``,
-        ``places365_small``, ...; optionally ``name/config:version``) or an
-        offline source (``fashion_mnist_idx``).
+        ``places365_small``, ...; optionally ``name/config:version``), an
+        offline source (``fashion_mnist_idx``) or ``image_folder[/options]``
+        (module docstring).
       split: ``train | val | trainval | test`` (see the module docstring) or a
         slice of an official split such as ``train[:1000]`` or ``test[-10%:]``.
       data_dir: TFDS data directory, or the directory of an offline source's
-        files. ``None``: TFDS's default directory, or the source's default
+        files, or the image folder (required for ``image_folder``). ``None``:
+        TFDS's default directory, or the source's default
         (``/usr/share/datasets/fashion-mnist`` for ``fashion_mnist_idx``).
 
     Returns:
       A finite ``tf.data.Dataset`` of ``{"image": uint8 [H, W, C],
       "label": int64 []}`` (e.g. ``[28, 28, 1]`` for Fashion-MNIST, variable
-      ``[None, None, 3]`` for ImageNet), always in the same order.
+      ``[None, None, 3]`` for ImageNet or an image folder), without
+      ``"label"`` for an unlabelled source (``has_labels``), always in the
+      same order.
 
     Raises:
       ValueError: Unknown dataset or split, data that contradicts the split
@@ -546,7 +707,8 @@ def get_source(
         checked before anything is read wherever the size is known without
         reading: array sources and prepared TFDS datasets).
       FileNotFoundError: The dataset is not prepared / its files are missing in
-        ``data_dir`` (the message says how to get it).
+        ``data_dir`` (the message says how to get it), or the image folder
+        does not exist.
     """
     reader = _open(name, data_dir)
     resolved = _resolve(name, split, reader.train_size)
@@ -580,3 +742,51 @@ def num_examples(
     count = reader.count(resolved)
     _check_not_empty(name, split, resolved, count)
     return count
+
+
+def has_labels(name: str, *, data_dir: str | os.PathLike | None = None) -> bool:
+    """Whether ``get_source(name, ...)`` examples carry a ``"label"``.
+
+    Known without reading the examples (an image folder is listed). False for
+    a TFDS dataset without a label feature and an unlabelled image folder.
+    """
+    return _open(name, data_dir).unlabelled_because() is None
+
+
+def require_labels(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    needed_by: str,
+) -> None:
+    """Raises ``ValueError`` when ``name`` has no labels, saying who needs them.
+
+    Args:
+      name, split, data_dir: The source, as for ``get_source``.
+      needed_by: What needs the labels and why, e.g. ``"linear_probe (it fits
+        and scores a classifier of the labels)"``.
+
+    Raises:
+      ValueError: naming the dataset, the split, why it is unlabelled and
+        ``needed_by``.
+    """
+    because = _open(name, data_dir).unlabelled_because()
+    if because is not None:
+        where = "" if data_dir is None else f" (data_dir {os.fspath(data_dir)!r})"
+        raise ValueError(
+            f"Dataset {name!r}{where}, split {split!r}, has no labels: {because}; "
+            f"but {needed_by} needs a 'label' for every example. Use a labelled "
+            "source (for an image folder: one sub-folder per class)."
+        )
+
+
+def class_names(
+    name: str, *, data_dir: str | os.PathLike | None = None
+) -> tuple[str, ...] | None:
+    """The names of the label values (index = label), where the source has them.
+
+    Image folders: the sorted class folder names; TFDS: the ``ClassLabel``
+    names; None otherwise (array sources, unlabelled sources).
+    """
+    return _open(name, data_dir).class_names()

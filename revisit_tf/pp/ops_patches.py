@@ -22,7 +22,7 @@ permutation.
 Original chain (reference 3.5) for Jigsaw/RPL training on ImageNet::
 
     decode|resize(292)|to_gray(0.66)|random_crop(255)|crop_patches(3, 21)|
-    standardize|keep("image", "label")     (+ jigsaw_perms(100, 8) per batch)
+    standardize|keep("image")     (+ jigsaw_perms(100, 8) per batch)
 
 Place in the data flow: ``data`` -> ``pp`` (these ops) -> ``models.pretext``.
 """
