@@ -199,8 +199,7 @@ def read_permutation_file(
         ValueError: size, header, checksum, value range, non-permutation rows
             or duplicates, naming the file and the expected form.
     """
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = files.read_bytes(path)
     form = (
         "little-endian int32: num_perms, perm_len, then num_perms * perm_len "
         "values 1..perm_len, row-major"
@@ -261,15 +260,14 @@ def write_permutation_file(path: str, permutations: np.ndarray) -> None:
     half-written file.
     """
     data = permutation_file_bytes(permutations)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    local = not files.is_remote(path)
+    files.makedirs(files.dirname(os.path.abspath(path) if local else path))
     files.write_atomic(path, data)
 
 
 def file_sha256(path: str) -> str:
     """SHA-256 hex digest of a file."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(files.read_bytes(path)).hexdigest()
 
 
 @functools.cache
@@ -310,7 +308,7 @@ def get_permutations(
         ValueError: a bad file or bad arguments (message names the value).
     """
     if path is not None:
-        if not os.path.exists(path):
+        if not files.exists(path):
             raise FileNotFoundError(
                 f"Permutation file {path!r} not found; pass the path of a file in "
                 "the original binary format (e.g. permutations_100_max.bin) or "
@@ -329,7 +327,7 @@ def get_permutations(
     if cache_dir is not None:
         name = f"permutations_{num_permutations}_seed{seed}_v{_GENERATOR_VERSION}.bin"
         cached = os.path.join(cache_dir, name)
-        if os.path.exists(cached):
+        if files.exists(cached):
             perms = read_permutation_file(cached, num_permutations=num_permutations)
             perms.setflags(write=False)
             return perms

@@ -42,7 +42,15 @@ file's CRC-32 is checked the first time it is read. Anything that fails a
 check is reported (the warning names the entry and what is wrong), deleted and
 rebuilt by ``get_or_build``; it is never silently used.
 
-NumPy only (no TensorFlow), so the cache can be inspected and tested cheaply.
+Local disks only. The entries rely on what an object store lacks (``flock``,
+``O_NOFOLLOW``, ``fsync``, atomic directory renames), so ``FeatureCache``
+refuses a URL root; a workdir that is a URL (``gs://``, ``ram://``) keeps its
+features in ``local_cache_dir()`` instead (entries are keyed by content, so
+workdirs can share it). ``hash_directory`` reads a URL too (an export on
+``gs://``), giving the same digest as a local copy.
+
+NumPy only (TensorFlow only to hash a URL), so the cache can be inspected and
+tested cheaply.
 """
 
 from __future__ import annotations
@@ -202,6 +210,8 @@ def hash_directory(path: str | os.PathLike) -> str:
         OSError: for a directory or file that cannot be read.
     """
     path = os.fspath(path)
+    if files.is_remote(path):
+        return _hash_remote_directory(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a directory.")
     root = os.path.realpath(path)
@@ -249,6 +259,49 @@ def hash_directory(path: str | os.PathLike) -> str:
                 os.close(fd)
             digest.update(b"\0")
     return digest.hexdigest()
+
+
+def _hash_remote_directory(path: str) -> str:
+    """``hash_directory`` of a URL: the same walk (files sorted, then each
+    subdirectory sorted, depth first), hence the same digest as a local copy.
+    A URL file system has no links or devices to refuse."""
+    import tensorflow as tf
+
+    gfile = tf.io.gfile
+    if not files.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a directory.")
+    digest = hashlib.sha256()
+
+    def visit(directory: str, relative: str) -> None:
+        subdirs = []
+        for name in files.listdir(directory):  # sorted
+            full = os.path.join(directory, name)
+            if files.isdir(full):
+                subdirs.append(name)
+                continue
+            digest.update((relative + name).encode() + b"\0")
+            with gfile.GFile(full, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            digest.update(b"\0")
+        for name in subdirs:
+            visit(os.path.join(directory, name), relative + name + "/")
+
+    try:
+        visit(path, "")
+    except tf.errors.OpError as e:
+        raise OSError(f"cannot read {path}: {e.message}") from e
+    return digest.hexdigest()
+
+
+def local_cache_dir() -> str:
+    """The feature cache of workdirs that are URLs (``FeatureCache`` needs a
+    local disk): ``$REVISIT_TF_CACHE_DIR``, else
+    ``${XDG_CACHE_HOME:-~/.cache}/revisit_tf/feature_cache``."""
+    if os.environ.get("REVISIT_TF_CACHE_DIR"):
+        return os.environ["REVISIT_TF_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "revisit_tf", "feature_cache")
 
 
 def _fsync_dir(path: str) -> None:
@@ -752,13 +805,21 @@ class FeatureCache:
         shard_bytes: target size of a feature shard (>= 4 KiB).
 
         Raises:
-            ValueError: for ``shard_bytes`` below 4096.
+            ValueError: for ``shard_bytes`` below 4096, or a ``root`` that is
+                a URL (the cache needs a local disk: ``local_cache_dir()``).
         """
         if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int):
             raise ValueError(f"shard_bytes must be an int; got {shard_bytes!r}.")
         if shard_bytes < 4096:
             raise ValueError(f"shard_bytes must be >= 4096; got {shard_bytes}.")
         self.root = os.fspath(root)
+        if files.is_remote(self.root):
+            raise ValueError(
+                f"The feature cache must be on a local disk (it needs flock, "
+                f"fsync and atomic directory renames); got {self.root!r}. Bind "
+                "linear_probe.cache_dir to a local directory, or leave it unset "
+                f"(a URL workdir then caches in {local_cache_dir()})."
+            )
         self.shard_bytes = shard_bytes
         os.makedirs(self.root, exist_ok=True)
 

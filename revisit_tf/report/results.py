@@ -18,6 +18,13 @@ is truncated, with a warning), so a torn line is never followed by valid ones;
 ``read_results`` skips a torn last line with a warning and rejects any other
 malformed line, naming the file and the 1-based line number.
 
+Remote files. A URL (``gs://``, ``ram://``: ``files.is_remote``) has no
+append, ``fsync`` or ``flock``: ``append_result`` reads the file, repairs a
+torn tail the same way, adds the line and writes the whole file back with
+``files.write_atomic`` (a reader sees the file before or after the line).
+Two writers at once could lose a line; one writer per workdir is the rule
+(``files.workdir_lock``, which on a URL refuses only holders it can see).
+
 Field types. ``read_results`` also checks the top-level fields the tables
 print as numbers (``NUMERIC_FIELDS`` and every key ending in ``top1``/``top5``,
 which must be fractions in [0, 1]) and ``converged`` (a bool): each must have
@@ -36,6 +43,8 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from revisit_tf import files
 
 RESULTS_RELPATH = os.path.join("probe", "results.jsonl")
 # Top-level fields that are numbers (or null) in every result row; keys ending
@@ -145,6 +154,9 @@ def append_result(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
     line = json.dumps(converted, allow_nan=False) + "\n"
     data = line.encode("utf-8")  # json.dumps escapes non-ASCII: one line only
     path = os.fspath(path)
+    if files.is_remote(path):
+        _append_remote(path, data)
+        return
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     created = not os.path.exists(path)
@@ -163,6 +175,27 @@ def append_result(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _append_remote(path: str, data: bytes) -> None:
+    """``append_result`` on a URL: read, repair the tail, rewrite atomically."""
+    files.makedirs(files.dirname(path))
+    content = files.read_bytes(path) if files.exists(path) else b""
+    cut = content.rfind(b"\n") + 1  # 0 when there is no newline
+    if cut < len(content):
+        tail = content[cut:]
+        try:
+            json.loads(tail.decode("utf-8"))
+            content += b"\n"
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            _logger.warning(
+                "%s: dropping a torn last line (%d bytes) left by an interrupted "
+                "write.",
+                path,
+                len(tail),
+            )
+            content = content[:cut]
+    files.write_atomic(path, content + data)
 
 
 def _is_accuracy(key: str) -> bool:
@@ -209,8 +242,7 @@ def check_row_types(row: Mapping[str, Any], where: str) -> None:
 
 
 def _read_file(path: str) -> list[dict]:
-    with open(path, "rb") as f:
-        content = f.read()
+    content = files.read_bytes(path)
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -270,9 +302,9 @@ def read_results(paths: Sequence[str | os.PathLike]) -> list[dict]:
         raise ValueError(f"paths must be a sequence of paths; got {paths!r}.")
     rows: list[dict] = []
     for path in map(os.fspath, paths):
-        if os.path.isdir(path):
+        if files.isdir(path):
             file = results_path(path)
-            if not os.path.isfile(file):
+            if not files.isfile(file):
                 raise FileNotFoundError(
                     f"{path} is a directory without {RESULTS_RELPATH}; expected a "
                     "JSON-lines file or a workdir the probe has written to."
@@ -280,7 +312,7 @@ def read_results(paths: Sequence[str | os.PathLike]) -> list[dict]:
             for row in _read_file(file):
                 row.setdefault("workdir", path)
                 rows.append(row)
-        elif os.path.isfile(path):
+        elif files.isfile(path):
             rows.extend(_read_file(path))
         else:
             raise FileNotFoundError(

@@ -35,16 +35,20 @@ next run starts (under the workdir lock, so no other writer owns them).
 Under ``MultiWorkerMirroredStrategy`` every worker must take part in saving;
 non-chief workers write to a private temporary directory that is deleted
 afterwards (the documented TF pattern).
+
+Every file operation goes through ``tf.io.gfile``, so the workdir may be a URL
+(``gs://bucket/run``, ``ram://run``). Listings never use glob patterns (a
+workdir name with ``[`` or ``*`` would be one): ``_names`` lists the directory
+and the names are matched here. On an object store a move (``_set_aside``) is
+a copy plus a delete; a kill between them leaves a copy, never a loss.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
 import re
-import shutil
 import time
 
 import keras
@@ -58,6 +62,38 @@ _INDEX = re.compile(rf"^{PREFIX}-(\d+)\.index$")
 
 class CheckpointError(RuntimeError):
     """Checkpoints exist but none can be restored (corrupt or mismatched)."""
+
+
+def _names(directory: str) -> list[str]:
+    """The entries of ``directory`` ([] if it is missing): ``files.listdir``."""
+    try:
+        return files.listdir(directory)
+    except FileNotFoundError:
+        return []
+
+
+def _remove(path: str) -> None:
+    """Removes a file or a directory tree; a missing one is not an error."""
+    try:
+        if files.isdir(path):
+            files.rmtree(path)
+        else:
+            tf.io.gfile.remove(path)
+    except (FileNotFoundError, tf.errors.NotFoundError):
+        pass
+
+
+def _files_of(directory: str, prefix: str, separators: str = ".") -> list[str]:
+    """Paths in ``directory`` of the files of checkpoint ``prefix`` (a path):
+    the names starting with its base name and one of ``separators``."""
+    base = os.path.basename(prefix)
+    return [
+        os.path.join(directory, name)
+        for name in sorted(_names(directory))
+        if len(name) > len(base)
+        and name.startswith(base)
+        and name[len(base)] in separators
+    ]
 
 
 def _first_line(e: BaseException) -> str:
@@ -85,17 +121,17 @@ def checkpoint_steps(directory: str) -> list[int]:
     Entries of the ``checkpoint`` state file that point outside ``directory``
     are ignored (logged): a state file is never followed to another path.
     """
-    if not os.path.isdir(directory):
-        return []
+    names = _names(directory)
     steps = set()
-    for name in os.listdir(directory):
+    for name in names:
         match = _INDEX.match(name)
-        if match and os.path.isfile(os.path.join(directory, name)):
+        if match and not files.isdir(os.path.join(directory, name)):
             steps.add(int(match.group(1)))
     state = os.path.join(directory, "checkpoint")
-    if os.path.isfile(state):
-        with open(state, errors="replace") as f:
-            for quoted in re.findall(r'"([^"]*)"', f.read()):
+    if "checkpoint" in names and not files.isdir(state):
+        with tf.io.gfile.GFile(state, "rb") as f:
+            text = f.read().decode("utf-8", errors="replace")
+            for quoted in re.findall(r'"([^"]*)"', text):
                 target = os.path.normpath(os.path.join(directory, quoted))
                 if os.path.dirname(target) != os.path.normpath(directory):
                     logging.warning(
@@ -116,12 +152,10 @@ _DATA = re.compile(rf"^{PREFIX}-(\d+)\.data-\d+-of-\d+$")
 
 def _orphan_data(directory: str) -> list[str]:
     """Data files of checkpoints whose index was never written (a killed save)."""
-    if not os.path.isdir(directory):
-        return []
     steps = set(checkpoint_steps(directory))
     return sorted(
         name
-        for name in os.listdir(directory)
+        for name in _names(directory)
         if (match := _DATA.match(name)) and int(match.group(1)) not in steps
     )
 
@@ -196,9 +230,9 @@ def read_metrics(directory: str, step: int) -> dict[str, float]:
     """The metrics saved with checkpoint ``step`` ({} if none were saved)."""
     path = _prefix(directory, step) + ".metrics.json"
     try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, ValueError):
+        with tf.io.gfile.GFile(path, "rb") as f:
+            value = json.loads(f.read())
+    except (OSError, ValueError, tf.errors.OpError):
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -251,12 +285,14 @@ class Checkpointer:
 
     def _clean_leftovers(self) -> None:
         """Removes what killed saves leave (caller holds the workdir lock)."""
-        for path in glob.glob(os.path.join(glob.escape(self.directory), "*_temp")):
-            logging.warning("Removing %s, left by an interrupted save.", path)
-            shutil.rmtree(path, ignore_errors=True)
-        for path in glob.glob(os.path.join(glob.escape(self.directory), "*.tmp-*")):
-            logging.warning("Removing %s, left by an interrupted write.", path)
-            os.remove(path)
+        for name in sorted(_names(self.directory)):
+            path = os.path.join(self.directory, name)
+            if name.endswith("_temp"):
+                logging.warning("Removing %s, left by an interrupted save.", path)
+                _remove(path)
+            elif ".tmp-" in name:
+                logging.warning("Removing %s, left by an interrupted write.", path)
+                _remove(path)
 
     def restore_latest(self) -> int:
         """Restores the newest readable checkpoint, if any; returns the global step.
@@ -299,10 +335,12 @@ class Checkpointer:
         target = os.path.join(
             self.directory, "unreadable", time.strftime("%Y%m%d-%H%M%S")
         )
-        os.makedirs(target, exist_ok=True)
-        paths = [prefix] if exact else glob.glob(glob.escape(prefix) + ".*")
+        tf.io.gfile.makedirs(target)
+        paths = [prefix] if exact else _files_of(self.directory, prefix)
         for path in paths:
-            os.replace(path, os.path.join(target, os.path.basename(path)))
+            tf.io.gfile.rename(
+                path, os.path.join(target, os.path.basename(path)), overwrite=True
+            )
         logging.warning("Moved the files of %s to %s.", prefix, target)
 
     def save(self, step: int, metrics: dict[str, float] | None = None) -> str | None:
@@ -316,7 +354,7 @@ class Checkpointer:
         prefix = _prefix(self._save_dir, step)
         if not self._is_chief:
             self.checkpoint.write(prefix)
-            shutil.rmtree(self._save_dir, ignore_errors=True)
+            _remove(self._save_dir)
             return None
         existing = checkpoint_steps(self.directory)
         if step == 0 and existing:
@@ -324,7 +362,7 @@ class Checkpointer:
                 f"Refusing to write a step-0 checkpoint into {self.directory}, "
                 f"which holds checkpoints of steps {existing}."
             )
-        os.makedirs(self.directory, exist_ok=True)
+        tf.io.gfile.makedirs(self.directory)
         try:
             files.write_atomic(
                 prefix + ".metrics.json", json.dumps(metrics or {}, sort_keys=True)
@@ -334,11 +372,8 @@ class Checkpointer:
         except (OSError, tf.errors.OpError) as e:
             # Not yet in the state file: remove what this save left; the
             # older checkpoints are untouched.
-            for name in glob.glob(glob.escape(prefix) + "[._]*"):
-                if os.path.isdir(name):
-                    shutil.rmtree(name, ignore_errors=True)
-                else:
-                    os.remove(name)
+            for name in _files_of(self.directory, prefix, separators="._"):
+                _remove(name)
             raise CheckpointError(
                 f"Could not write checkpoint {prefix} ({type(e).__name__}: "
                 f"{_first_line(e)}); its partial files were removed and the "
@@ -354,8 +389,8 @@ class Checkpointer:
         files.write_atomic(os.path.join(self.directory, "checkpoint"), state)
         faults.point("checkpoint.after_state")
         for old in kept[self._max_to_keep :]:
-            for name in glob.glob(glob.escape(_prefix(self.directory, old)) + ".*"):
-                os.remove(name)
+            for name in _files_of(self.directory, _prefix(self.directory, old)):
+                tf.io.gfile.remove(name)
         faults.point("checkpoint.after_cleanup")
         logging.info("Saved checkpoint %s", path)
         return path
