@@ -106,6 +106,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from revisit_tf import progress as progress_lib
 from revisit_tf.probe import arrays
 
 _NUM_CORRECTION_PAIRS = 10
@@ -1337,7 +1338,8 @@ def sweep_l2(
     best: ProbeFit | None = None
     best_val = -1.0
     previous: ProbeFit | None = None
-    for l2 in grid:
+    progress = progress_lib.Progress(len(grid))
+    for i, l2 in enumerate(grid):
         fit = _solve(
             train_x_t,
             train_y_t,
@@ -1353,13 +1355,14 @@ def sweep_l2(
         table.append(SweepPoint.of_fit(fit, _top1(fit, train_x_t, train_y), val_top1))
         point = table[-1]
         logging.info(
-            "l2 %.1e: train %.2f%%, val %.2f%% (%d iterations%s, %.1fs).",
+            "l2 %.1e: train %.2f%%, val %.2f%% (%d iterations%s, %.1fs); sweep %s.",
             l2,
             100 * point.train_top1,
             100 * val_top1,
             fit.iterations,
             "" if fit.converged else ", NOT converged",
             fit.seconds,
+            progress.summary(i + 1),
         )
         # Strict ">": the grid is descending, so ties keep the larger l2.
         if val_top1 > best_val:

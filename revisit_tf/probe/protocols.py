@@ -217,7 +217,13 @@ def _run_lbfgs(entries: SplitEntries, rows, s: Settings) -> dict[str, Any]:
         "refit_iterations": final.best.iterations if s.refit_on_trainval else None,
         "streamed": sharded_path,
         "l2_path": [
-            {"l2": p.l2, "val_top1": p.val_top1, "iterations": p.iterations}
+            {
+                "l2": p.l2,
+                "train_top1": p.train_top1,
+                "val_top1": p.val_top1,
+                "iterations": p.iterations,
+                "seconds": p.seconds,
+            }
             for p in sweep.table
         ],
     }
@@ -319,7 +325,9 @@ def run_protocol(
         labels; ``test_top1 == decode_predictions(...)[1].mean()``),
         ``n_train`` after subsetting, ``seconds``, and the protocol's own
         fields (``lbfgs``: ``l2``, ``iterations``, ``converged``,
-        ``refit_iterations``, ``streamed``, ``l2_path``; ``knn``: ``k``;
+        ``refit_iterations``, ``streamed``, ``l2_path``: one dict per L2 in
+        visiting order with ``l2``, ``train_top1``, ``val_top1``,
+        ``iterations``, ``seconds``; ``knn``: ``k``;
         ``sgd``/``mlp``: ``steps`` and ``lr_curve``, one dict per epoch with
         ``epoch``, ``lr``, ``loss``, ``val_top1``, ``test_top1``).
 
