@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -65,9 +66,12 @@ from revisit_tf.study import runner as study_runner  # noqa: E402
 from revisit_tf.study import spec as study_spec  # noqa: E402
 from revisit_tf.train import checkpoint as checkpoint_lib  # noqa: E402
 from revisit_tf.train import loop as loop_lib  # noqa: E402
+from revisit_tf.train import summaries  # noqa: E402
 
 CONFIG_NAME = "config.gin"
 OPERATIVE_CONFIG_NAME = "operative_config.gin"
+
+EXPORT_FORMATS = ("saved_model", "keras")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RERUN = 0, 1, 2, 75
 EXIT_CODES = {
@@ -83,9 +87,24 @@ class ConfigChangedError(ValueError):
     """The config differs from the one a trained workdir recorded."""
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s] %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+# Libraries whose INFO lines drown the run's own (a "Sharding callback
+# duration" line per checkpoint, TFDS' dataset-info lines): WARNING and up,
+# unless --log_level DEBUG.
+CHATTY_LOGGERS = ("tensorflow", "absl", "tensorflow_datasets", "h5py", "matplotlib")
+# A remote workdir's log is written locally and copied there this often.
+REMOTE_LOG_UPLOAD_SECONDS = 30.0
+
+
 def _parser(description: str, *, force: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--workdir", required=True, help="Output directory.")
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        help="Output directory: a local path or any tf.io.gfile URL (gs://, ram://).",
+    )
     parser.add_argument(
         "--gin_file",
         action="append",
@@ -99,6 +118,14 @@ def _parser(description: str, *, force: bool = False) -> argparse.ArgumentParser
         action="append",
         default=[],
         help='Gin binding (repeatable), e.g. "pretrain.steps = 100".',
+    )
+    parser.add_argument(
+        "--log_level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="Level of revisit_tf's own lines (default INFO). TensorFlow, TFDS "
+        "and absl log WARNING and up, or everything with DEBUG.",
     )
     if force:
         parser.add_argument(
@@ -115,22 +142,89 @@ def _drop_gin_path_probes(record: logging.LogRecord) -> bool:
     return not record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
 
 
-def _setup_logging(workdir: str, name: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S")
+def _is_remote(path: str) -> bool:
+    """Whether ``path`` is a tf.io.gfile URL (``gs://``, ``ram://``), not a file."""
+    return "://" in path and not path.startswith("file://")
+
+
+class _RemoteLogHandler(logging.FileHandler):
+    """Logs to a local file and copies it to a remote workdir's log.
+
+    Object stores have no append: the whole local file is copied to
+    ``remote`` at most every ``REMOTE_LOG_UPLOAD_SECONDS``, on every error,
+    and on close (the end of ``run``).
+    """
+
+    def __init__(self, remote: str):
+        fd, local = tempfile.mkstemp(prefix="revisit_tf-", suffix=".log")
+        os.close(fd)
+        super().__init__(local)
+        self.remote = remote
+        self._uploaded = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        now = time.monotonic()
+        if record.levelno >= logging.ERROR or (
+            now - self._uploaded >= REMOTE_LOG_UPLOAD_SECONDS
+        ):
+            self._upload(now)
+
+    def _upload(self, now: float) -> None:
+        import tensorflow as tf  # already imported by experiments
+
+        self.flush()
+        try:
+            tf.io.gfile.copy(self.baseFilename, self.remote, overwrite=True)
+        except (OSError, tf.errors.OpError) as e:
+            sys.stderr.write(f"could not copy the log to {self.remote}: {e}\n")
+        self._uploaded = now
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self._upload(time.monotonic())
+        super().close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.baseFilename)
+
+
+def _setup_logging(workdir: str, name: str, level: str = "INFO") -> None:
+    """Logs to stdout and ``workdir/<name>.log`` (appended; gfile URLs too)."""
+    import tensorflow as tf  # already imported by experiments
+
+    tf.io.gfile.makedirs(workdir)
+    fmt = logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT)
     root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in (
-        logging.StreamHandler(sys.stdout),
-        logging.FileHandler(os.path.join(workdir, f"{name}.log")),
-    ):
+    root.setLevel(level)
+    _close_log_handlers()
+    log_path = os.path.join(workdir, f"{name}.log")
+    if _is_remote(workdir):
+        file_handler = _RemoteLogHandler(log_path)
+        if tf.io.gfile.exists(log_path):  # keep what earlier runs logged
+            tf.io.gfile.copy(log_path, file_handler.baseFilename, overwrite=True)
+    else:
+        file_handler = logging.FileHandler(log_path)
+    for handler in (logging.StreamHandler(sys.stdout), file_handler):
         handler.setFormatter(fmt)
         handler.addFilter(_drop_gin_path_probes)
         root.addHandler(handler)
-    # absl/TF loggers otherwise duplicate lines through their own handlers.
-    logging.getLogger("tensorflow").propagate = False
+    chatty = logging.DEBUG if level == "DEBUG" else max(logging.WARNING, root.level)
+    for logger_name in CHATTY_LOGGERS:
+        logger = logging.getLogger(logger_name)
+        logger.setLevel(chatty)
+        # Through the root's handlers (so into the log file), once.
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def _close_log_handlers() -> None:
+    """Removes (and closes, so a remote log is copied) the root's handlers."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
 
 
 def _worker_suffix() -> str:
@@ -145,6 +239,23 @@ def _worker_suffix() -> str:
     if kind is None or kind == "chief" or (kind == "worker" and index == 0):
         return ""
     return f"-{kind}{index}"
+
+
+def _gfile():
+    """``tf.io.gfile``: every workdir file goes through it (gs://, ram://)."""
+    import tensorflow as tf  # already imported by experiments
+
+    return tf.io.gfile
+
+
+def _local_copy(path: str) -> str:
+    """``path`` itself if local, else a local copy (gin reads local files only)."""
+    if not _is_remote(path):
+        return path
+    fd, local = tempfile.mkstemp(prefix="revisit_tf-", suffix=".gin")
+    os.close(fd)
+    _gfile().copy(path, local, overwrite=True)
+    return local
 
 
 def parse_gin(
@@ -164,12 +275,12 @@ def parse_gin(
     paths = list(gin_files)
     if not paths and workdir is not None:
         saved = os.path.join(workdir, CONFIG_NAME)
-        if not os.path.exists(saved):
+        if not _gfile().exists(saved):
             raise FileNotFoundError(
                 f"No --gin_file given and no {saved!r}: pass the gin file(s) of "
                 "the run (e.g. --gin_file=demo/fashion_mnist_rotation.gin)."
             )
-        paths = [saved]
+        paths = [_local_copy(saved)]
     for name in paths:
         if not os.path.exists(name) and not any(
             os.path.exists(os.path.join(p, name))
@@ -255,9 +366,9 @@ def _config_recorder(workdir: str, *, force: bool) -> Callable[[], None]:
     path = os.path.join(workdir, CONFIG_NAME)
     text = "import revisit_tf.configurables\n\n" + gin.config_str()
     old = None
-    if os.path.exists(path):
-        with open(path, errors="replace") as f:
-            old = f.read()
+    if _gfile().exists(path):
+        with _gfile().GFile(path, "rb") as f:
+            old = f.read().decode("utf-8", errors="replace")
     if old == text:
         return lambda: None
     if old is not None and not force:
@@ -300,7 +411,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     """
     args = _parser("Pretext training (revisit_tf).", force=True).parse_args(argv)
     suffix = _worker_suffix()
-    _setup_logging(args.workdir, "train" + suffix)
+    _setup_logging(args.workdir, "train" + suffix, args.log_level)
     parse_gin(args.gin_file, args.gin_bindings)
     chief = not suffix
     # Multi-worker tasks share the chief's workdir: the chief holds the lock.
@@ -314,10 +425,18 @@ def train_main(argv: Sequence[str] | None = None) -> None:
 
         def on_first_loop():
             record_config()
+            config = gin.operative_config_str()
             files.write_atomic(
-                os.path.join(args.workdir, OPERATIVE_CONFIG_NAME),
-                gin.operative_config_str(),
+                os.path.join(args.workdir, OPERATIVE_CONFIG_NAME), config
             )
+            try:  # A picture never stops training.
+                summaries.write_config_text(
+                    os.path.join(args.workdir, "tensorboard", "config"), config
+                )
+            except Exception:  # noqa: BLE001
+                logging.warning(
+                    "Could not write the config to TensorBoard.", exc_info=True
+                )
 
         configurables.pretrain(
             workdir=args.workdir, on_first_loop=on_first_loop if chief else None
@@ -328,8 +447,16 @@ def train_main(argv: Sequence[str] | None = None) -> None:
 
 def export_main(argv: Sequence[str] | None = None) -> None:
     """``revisit-export``: SavedModel from the newest checkpoint."""
-    args = _parser("Export a SavedModel (revisit_tf).", force=True).parse_args(argv)
-    _setup_logging(args.workdir, "export")
+    parser = _parser("Export the trained trunk (revisit_tf).", force=True)
+    parser.add_argument(
+        "--format",
+        default="saved_model",
+        choices=EXPORT_FORMATS,
+        help="saved_model (default): workdir/export, a SavedModel for every "
+        "TensorFlow consumer; keras: workdir/trunk.keras, the trunk alone.",
+    )
+    args = parser.parse_args(argv)
+    _setup_logging(args.workdir, "export", args.log_level)
     parse_gin(args.gin_file, args.gin_bindings, workdir=args.workdir)
     with files.workdir_lock(args.workdir, "revisit-export"):
         record_config = (
@@ -337,14 +464,24 @@ def export_main(argv: Sequence[str] | None = None) -> None:
             if args.gin_file or args.gin_bindings
             else lambda: None
         )
-        print(configurables.export_model(workdir=args.workdir, force=args.force))
+        print(
+            configurables.export_model(
+                workdir=args.workdir,
+                force=args.force,
+                **(
+                    {}
+                    if args.format == "saved_model"
+                    else {"export_format": args.format}
+                ),
+            )
+        )
         record_config()
 
 
 def probe_main(argv: Sequence[str] | None = None) -> None:
     """``revisit-probe``: probes of the export (or of pixels), from gin."""
     args = _parser("Linear probe (revisit_tf).").parse_args(argv)
-    _setup_logging(args.workdir, "probe")
+    _setup_logging(args.workdir, "probe", args.log_level)
     parse_gin(args.gin_file, args.gin_bindings, workdir=args.workdir)
     with files.workdir_lock(args.workdir, "revisit-probe"):
         rows = configurables.linear_probe(workdir=args.workdir)
@@ -365,12 +502,14 @@ def run(main_fn: Callable[[Sequence[str] | None], None], argv=None) -> int:
 
     Named errors print one line (``error: ...``) and return 1; a preempted
     run or a locked workdir returns 75; anything else keeps its traceback.
+    Every way out is in the workdir's log too (the error with its
+    traceback), and the log is closed (a remote one copied) on the way out.
     """
     _install_faults()
     try:
         main_fn(argv)
     except (loop_lib.PreemptedError, files.WorkdirLockedError) as e:
-        logging.warning("%s", e)
+        logging.warning("Not finished (exit code %d): %s", EXIT_RERUN, e)
         print(f"not finished: {e}", file=sys.stderr)
         return EXIT_RERUN
     except (
@@ -384,6 +523,16 @@ def run(main_fn: Callable[[Sequence[str] | None], None], argv=None) -> int:
         logging.error("%s: %s", type(e).__name__, e, exc_info=True)
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except SystemExit:
+        raise  # argparse (exit code 2) and --help
+    except KeyboardInterrupt:
+        logging.warning("Interrupted (KeyboardInterrupt).")
+        raise
+    except BaseException:
+        logging.critical("Unexpected error; the traceback follows.", exc_info=True)
+        raise
+    finally:
+        _close_log_handlers()
     return EXIT_OK
 
 

@@ -2,7 +2,9 @@
 
 import glob
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +27,9 @@ def _gin_files():
 
 def test_gin_files_found_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert os.path.join(REPO, "gin") in configurables.gin_search_paths()
+    assert [os.path.realpath(p) for p in configurables.gin_search_paths()] == [
+        os.path.realpath(os.path.join(REPO, "gin"))
+    ]
     cli.parse_gin([DEMO, "smoke.gin"], [])
     assert gin.query_parameter("pretrain.steps") == 4
     with pytest.raises(FileNotFoundError, match="no_such.gin"):
@@ -61,6 +65,19 @@ def test_smoke_run_train_export_probe_report(tmp_path, capsys):
         log = f.read()
     assert "step 4/4" in log and "examples/s" in log and "ETA" in log
     assert os.listdir(os.path.join(workdir, "tensorboard"))
+    (events,) = glob.glob(os.path.join(workdir, "tensorboard", "config", "events.*"))
+    tags = {
+        v.tag
+        for e in tf.compat.v1.train.summary_iterator(events)
+        for v in e.summary.value
+    }
+    assert tags == {"config/operative_config"}
+    # Date, level and logger on every line; TF's per-checkpoint INFO chatter
+    # ("Sharding callback duration") is below the default WARNING of TF.
+    assert "Sharding callback duration" not in log
+    stamped = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [DIWEC] \S+\] ")
+    assert all(stamped.match(line) for line in log.splitlines() if line[:1].isdigit())
+    assert stamped.match(log)
 
     # Export and probe re-read workdir/config.gin.
     cli.export_main(["--workdir", workdir])
@@ -94,6 +111,38 @@ def test_smoke_run_train_export_probe_report(tmp_path, capsys):
         assert f.read().strip() == table.strip()
 
 
+def test_log_level_flag_and_the_final_error_in_the_log(tmp_path):
+    workdir = str(tmp_path / "w")
+
+    def failing_main(argv):
+        args = cli._parser("test").parse_args(argv)
+        cli._setup_logging(args.workdir, "x", args.log_level)
+        logging.getLogger("revisit_tf.test").info("an info line")
+        logging.getLogger("revisit_tf.test").warning("a warning line")
+        logging.getLogger("tensorflow").info("tensorflow chatter")
+        logging.getLogger("tensorflow").warning("tensorflow warning")
+        raise RuntimeError("an unexpected bug")
+
+    with pytest.raises(RuntimeError, match="an unexpected bug"):
+        cli.run(failing_main, ["--workdir", workdir, "--log_level", "warning"])
+    with open(os.path.join(workdir, "x.log")) as f:
+        log = f.read()
+    assert "an info line" not in log and "a warning line" in log
+    assert "tensorflow chatter" not in log and "tensorflow warning" in log
+    assert "C root] Unexpected error" in log
+    assert "Traceback" in log and "RuntimeError: an unexpected bug" in log
+
+    with pytest.raises(RuntimeError):
+        cli.run(failing_main, ["--workdir", workdir, "--log_level", "DEBUG"])
+    with open(os.path.join(workdir, "x.log")) as f:
+        log = f.read()
+    assert "an info line" in log and "tensorflow chatter" in log  # DEBUG: all
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(failing_main, ["--workdir", workdir, "--log_level", "LOUD"])
+    assert e.value.code == cli.EXIT_USAGE
+
+
 def _start_train(workdir, *bindings):
     args = [sys.executable, "-m", "revisit_tf.cli", "train", "--workdir", workdir]
     args += ["--gin_file", DEMO, "--gin_file", "smoke.gin"]
@@ -125,18 +174,29 @@ def test_kill_and_resume(tmp_path):
         "pretrain.checkpoint_every = 4",
     )
     # 1. Preemption: SIGTERM -> checkpoint at the end of the current loop,
-    # exit 75 (not finished: rerun), and no train_metrics.json of a partial run.
+    # exit 75 (not finished: rerun), train_metrics.json marked incomplete, and
+    # one checkpoint for the stop (the interval's, or the stop's own).
     proc = _start_train(workdir, *bindings)
     _wait_for_checkpoint(workdir, proc, 4)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == cli.EXIT_RERUN, out[-3000:]
-    assert not os.path.exists(os.path.join(workdir, "train_metrics.json"))
+    assert proc.returncode == cli.EXIT_RERUN == 75, out[-3000:]
     assert "Preempted at step" in out
     preempted = int(out.split("Preempted at step ")[1].split(";")[0])
     assert preempted < total
+    with open(os.path.join(workdir, "train_metrics.json")) as f:
+        partial = json.load(f)
+    assert partial["complete"] is False
+    assert (partial["step"], partial["total_steps"]) == (preempted, total)
+    assert partial["stopped"] == "preempted (SIGTERM)"
+    assert np.isfinite(partial["loss"])
     latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
     assert latest.endswith(f"ckpt-{preempted}")
+    saves = [line for line in out.splitlines() if "Saved checkpoint" in line]
+    assert sum(f"ckpt-{preempted}" in line for line in saves) == 1, saves
+    with open(os.path.join(workdir, "train.log")) as f:
+        log = f.read()
+    assert "Not finished (exit code 75): Preempted at step" in log
 
     # 2. A hard kill: the run resumes from the preempted step.
     proc = _start_train(workdir, *bindings)
@@ -155,6 +215,13 @@ def test_kill_and_resume(tmp_path):
     assert f"step {total}/{total}" in out
     latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
     assert latest.endswith(f"ckpt-{total}")
+    with open(os.path.join(workdir, "train_metrics.json")) as f:
+        final = json.load(f)
+    assert (final["complete"], final["step"], final["total_steps"]) == (
+        True,
+        total,
+        total,
+    )
 
 
 def _free_ports(n):

@@ -85,7 +85,9 @@ def outputs_exist(study_dir: str, job: dict[str, Any]) -> bool:
     """Whether the files a finished job of this kind leaves are there."""
     workdir = cell_dir(study_dir, job["cell"])
     if job["kind"] == "train":
-        return os.path.exists(os.path.join(workdir, "train_metrics.json"))
+        # A preempted run writes it too, with "complete": false.
+        metrics = _read_json(os.path.join(workdir, "train_metrics.json"))
+        return isinstance(metrics, dict) and metrics.get("complete", True) is True
     if job["kind"] == "export":
         return os.path.exists(os.path.join(workdir, "export", "saved_model.pb"))
     return os.path.exists(os.path.join(workdir, "probe", "results.jsonl"))

@@ -35,6 +35,7 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+from revisit_tf import progress as progress_lib
 from revisit_tf.models import pretext as pretext_lib
 from revisit_tf.train import checkpoint as checkpoint_lib
 from revisit_tf.train import losses as losses_lib
@@ -144,7 +145,26 @@ def uses_float16(model: keras.Model) -> bool:
 
 
 class PreemptedError(Exception):
-    """Training stopped early on SIGTERM, after saving a checkpoint."""
+    """Training stopped early on SIGTERM, after saving a checkpoint.
+
+    Attributes:
+      step: the step of the checkpoint saved (the one checkpoint of the stop).
+      total_steps: the steps the run was to train.
+      metrics: the loop metrics at ``step`` (as ``train`` would return them).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: int | None = None,
+        total_steps: int | None = None,
+        metrics: dict | None = None,
+    ):
+        super().__init__(message)
+        self.step = step
+        self.total_steps = total_steps
+        self.metrics = dict(metrics or {})
 
 
 class _Preemption:
@@ -181,13 +201,6 @@ def _op_error_summary(e: tf.errors.OpError) -> str:
     return " | ".join(lines[:4]) or str(e)[:500]
 
 
-def _format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 def _format_metric(name: str, value: float) -> str:
     if "accuracy" in name:
         return f"{name} {100 * value:.2f}%"
@@ -209,6 +222,7 @@ def train(
     checkpoint_every: int = 1000,
     keep_checkpoints: int = 3,
     on_first_loop: Callable[[], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Trains ``model`` until the optimizer's step counter reaches ``total_steps``.
 
@@ -239,6 +253,10 @@ def train(
       keep_checkpoints: how many recent checkpoints to keep.
       on_first_loop: called once after the first outer loop of this process
         (the trainer binary writes gin's operative config there).
+      on_start: called once on the chief before the first step, with the
+        step the run starts (or resumes) at, while the writer of
+        ``workdir/tensorboard`` is the default one (``pretrain`` writes
+        pictures of its inputs there, ``train.summaries``).
 
     Returns:
       Metrics of the last outer loop: ``loss``, ``task_loss``, each
@@ -333,6 +351,10 @@ def train(
         global_batch_size // strategy.num_replicas_in_sync,
     )
     recent = collections.deque(maxlen=10)  # (steps, seconds) of recent loops
+    if on_start is not None and chief:
+        with writer.as_default(step=step):
+            on_start(step)
+        writer.flush()
     metrics: dict[str, float] = {}
     first_loop = True
     with _Preemption() as preemption:
@@ -394,7 +416,7 @@ def train(
                 "  " if task_metrics else "",
                 lr,
                 metrics["examples_per_sec"],
-                _format_duration((total_steps - step) / rate),
+                progress_lib.format_duration((total_steps - step) / rate),
             )
             with writer.as_default(step=step):
                 for name in ("loss", "task_loss", *task_metrics, "learning_rate"):
@@ -413,7 +435,10 @@ def train(
                 logging.warning("Preempted at step %d; checkpoint saved.", step)
                 raise PreemptedError(
                     f"Preempted at step {step} of {total_steps}; checkpoint "
-                    "saved: rerun the same command to resume."
+                    "saved: rerun the same command to resume.",
+                    step=step,
+                    total_steps=total_steps,
+                    metrics=metrics,
                 )
     writer.close()
     return metrics
