@@ -450,10 +450,11 @@ def export_main(argv: Sequence[str] | None = None) -> None:
     parser = _parser("Export the trained trunk (revisit_tf).", force=True)
     parser.add_argument(
         "--format",
-        default="saved_model",
+        default=None,
         choices=EXPORT_FORMATS,
-        help="saved_model (default): workdir/export, a SavedModel for every "
-        "TensorFlow consumer; keras: workdir/trunk.keras, the trunk alone.",
+        help="saved_model (default, or gin's export_model.export_format): "
+        "workdir/export, a SavedModel for every TensorFlow consumer; keras: "
+        "workdir/trunk.keras, the trunk alone.",
     )
     args = parser.parse_args(argv)
     _setup_logging(args.workdir, "export", args.log_level)
@@ -468,11 +469,8 @@ def export_main(argv: Sequence[str] | None = None) -> None:
             configurables.export_model(
                 workdir=args.workdir,
                 force=args.force,
-                **(
-                    {}
-                    if args.format == "saved_model"
-                    else {"export_format": args.format}
-                ),
+                # The flag, when given, wins over a gin binding.
+                **({"export_format": args.format} if args.format else {}),
             )
         )
         record_config()

@@ -15,10 +15,12 @@ here reads flags or global config.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +33,8 @@ from revisit_tf import __version__, files
 from revisit_tf import data as data_lib
 from revisit_tf import models as models_lib
 from revisit_tf import pp as pp_lib
+from revisit_tf import progress as progress_lib
+from revisit_tf.export import keras_trunk as keras_trunk_lib
 from revisit_tf.export import saved_model as export_lib
 from revisit_tf.models import pretext as pretext_lib
 from revisit_tf.probe import cache as cache_lib
@@ -45,6 +49,7 @@ from revisit_tf.train import loop as loop_lib
 from revisit_tf.train import losses as losses_lib
 from revisit_tf.train import optim
 from revisit_tf.train import strategy as strategy_lib
+from revisit_tf.train import summaries as summaries_lib
 
 ModelFn = Callable[..., keras.Model]
 
@@ -124,7 +129,7 @@ def pretrain(
     """
     if seed is not None:
         keras.utils.set_random_seed(seed)
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)  # a local path or a URL (gs://, ram://)
     strategy_obj = strategy_lib.make_strategy(strategy, tpu=tpu)
 
     # 1. Data and 2. pretext preprocessing (labels are made by pp_train).
@@ -161,9 +166,16 @@ def pretrain(
 
     # The per-example spec of a training batch, from a throwaway (never
     # iterated) dataset: what the pretext model takes.
-    input_spec = pretext_lib.example_spec(
-        dataset_fn(tf.distribute.InputContext()).element_spec
-    )
+    try:
+        input_spec = pretext_lib.example_spec(
+            dataset_fn(tf.distribute.InputContext()).element_spec
+        )
+    except (KeyError, ValueError) as e:
+        # The pp read a feature the source lacks (e.g. an unlabelled folder).
+        data_lib.explain_missing_feature(
+            dataset, train_split, data_dir=data_dir, error=e, used_by=pp_train
+        )
+        raise
 
     # Durations and schedule (reference 7.1, 7.2).
     per_epoch = optim.steps_per_epoch(num_train, global_batch_size)
@@ -216,36 +228,98 @@ def pretrain(
         f"{models_lib.count_params(model):,}",
         f"{models_lib.count_params(pretext_lib.get_trunk(model)):,}",
     )
+
+    def write_inputs(step: int) -> None:
+        # A few training inputs as TensorBoard images (train.summaries), drawn
+        # from a small separate stream of the same pipelines at the step the
+        # run starts (or resumes) at; a failure here never stops training.
+        try:
+            preview = data_lib.make_train_dataset(
+                data_lib.get_source(dataset, train_split, data_dir=data_dir),
+                pp_fn,
+                global_batch_size=min(global_batch_size, summaries_lib.NUM_EXAMPLES),
+                shuffle_buffer=1,
+                seed=data_seed + step,
+                batch_preprocess_fn=batch_pp_fn,
+            )
+            tag = summaries_lib.write_pretext_inputs(
+                next(iter(preview)), model, step=step
+            )
+            logging.info("TensorBoard: training inputs as images (%s).", tag)
+        except Exception:  # a picture must not stop a run
+            logging.warning("No TensorBoard images of the inputs:", exc_info=True)
+
     if strategy_lib.is_chief(strategy_obj):
         for name, data in pretext_lib.workdir_files(model).items():
             files.write_atomic(os.path.join(workdir, name), data)
             logging.info("Recorded %s.", os.path.join(workdir, name))
-        # The trained trunk's architecture, which export_model checks against.
+        # The trained trunk's architecture, which export_model checks against,
+        # and what it was trained on, which the export's metadata records.
         record_path = os.path.join(workdir, export_lib.TRUNK_RECORD_FILE)
         record = export_lib.architecture_record(pretext_lib.get_trunk(model))
+        record["training"] = {
+            "task": model.name,  # build_pretext_model's name, e.g. "rotation"
+            "dataset": dataset,
+            "train_split": train_split,
+            "global_batch_size": global_batch_size,
+            "total_steps": total_steps,
+            "pp_train": pp_train,
+            "seed": seed,
+        }
         files.write_atomic(record_path, json.dumps(record, indent=1, sort_keys=True))
         logging.info("Recorded %s.", record_path)
-    metrics = loop_lib.train(
-        model=model,
-        optimizer=optimizer,
-        strategy=strategy_obj,
-        dataset_fn=dataset_fn,
-        total_steps=total_steps,
-        global_batch_size=global_batch_size,
-        workdir=workdir,
-        loss_fn=loss_fn,
-        metric_fn=metric_fn,
-        steps_per_loop=steps_per_loop,
-        checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints,
-        on_first_loop=on_first_loop,
-    )
-    if metrics and strategy_lib.is_chief(strategy_obj):
-        files.write_atomic(
-            os.path.join(workdir, "train_metrics.json"),
-            json.dumps(metrics, indent=1, sort_keys=True).encode(),
+    metrics_path = os.path.join(workdir, TRAIN_METRICS_FILE)
+    chief = strategy_lib.is_chief(strategy_obj)
+    try:
+        metrics = loop_lib.train(
+            model=model,
+            optimizer=optimizer,
+            strategy=strategy_obj,
+            dataset_fn=dataset_fn,
+            total_steps=total_steps,
+            global_batch_size=global_batch_size,
+            workdir=workdir,
+            loss_fn=loss_fn,
+            metric_fn=metric_fn,
+            steps_per_loop=steps_per_loop,
+            checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints,
+            on_first_loop=on_first_loop,
+            on_start=write_inputs,
         )
+    except loop_lib.PreemptedError as e:
+        if chief:  # Marked incomplete: a rerun resumes and overwrites it.
+            record = {**e.metrics, "complete": False, "step": e.step}
+            record.update(total_steps=e.total_steps, stopped="preempted (SIGTERM)")
+            files.write_atomic(
+                metrics_path, json.dumps(record, indent=1, sort_keys=True)
+            )
+        raise
+    if metrics and chief:
+        record = {**metrics, "complete": True, "step": total_steps}
+        record["total_steps"] = total_steps
+        files.write_atomic(metrics_path, json.dumps(record, indent=1, sort_keys=True))
     return metrics
+
+
+TRAIN_METRICS_FILE = "train_metrics.json"
+
+
+def train_metrics_complete(workdir: str) -> bool:
+    """Whether ``workdir/train_metrics.json`` records a finished run.
+
+    A preempted run writes the file with ``"complete": false``; files written
+    before that key existed only ever came from finished runs.
+    """
+    path = os.path.join(workdir, TRAIN_METRICS_FILE)
+    if not tf.io.gfile.exists(path):
+        return False
+    with tf.io.gfile.GFile(path) as f:
+        try:
+            record = json.loads(f.read())
+        except json.JSONDecodeError:
+            return False
+    return isinstance(record, dict) and record.get("complete", True) is True
 
 
 SEED_FILE = "seed.json"
@@ -261,10 +335,10 @@ def _data_seed(workdir: str, seed: int | None, chief: bool) -> int:
     if seed is not None:
         return int(seed)
     path = os.path.join(workdir, SEED_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
+    if files.exists(path):
+        with tf.io.gfile.GFile(path) as f:
             try:
-                return int(json.load(f)["data_seed"])
+                return int(json.loads(f.read())["data_seed"])
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(
                     f"{path} is not a seed record ({e}); it was written "
@@ -287,6 +361,8 @@ def export_model(
     seed: int | None = None,
     pp_export_patches: str = "",
     force: bool = False,
+    export_format: str = "saved_model",
+    parity_consumers: Sequence[str] = export_lib.CONSUMERS,
 ) -> str:
     """Writes ``workdir/export``: a SavedModel of the newest checkpoint's trunk.
 
@@ -325,9 +401,34 @@ def export_model(
         ``"standardize"``); ``""`` feeds the patches unchanged.
       force: export despite the differences above (each is logged as a
         warning); for a deliberate change, e.g. of ``pp_export``.
+      export_format: ``"saved_model"`` (``workdir/export``) or ``"keras"``:
+        the restored trunk alone as ``workdir/trunk.keras``, checked to reload
+        with ``keras.saving.load_model`` and compute the same numbers (see
+        ``export.keras_trunk`` for what loading it needs: ``import
+        revisit_tf.models``, inputs after ``pp_export``). The ``.keras`` file
+        is checked against the trained trunk, not against ``workdir/export``.
+      parity_consumers: the SavedModel's parity gate (``export.consumers``):
+        the consumers that must reproduce the in-memory trunk's outputs
+        before the export replaces the previous one (default all five:
+        ``saved_model``, ``graph_session``, ``tfsm_layer``,
+        ``hub_keras_layer``, ``tflite``; ``()`` skips the gate). Their
+        measured differences are in the export's metadata under ``parity``.
+
+    The export's metadata (``assets.extra/revisit_tf_export.json``, plain
+    JSON) records under ``user_metadata``: ``task``, ``dataset`` and
+    ``train_split`` (from ``workdir/trunk_config.json``, which ``pretrain``
+    writes; None for a workdir that never trained), ``trunk`` (architecture,
+    version, width, units, last_relu, ... read back from the built trunk:
+    ``export.saved_model.describe_trunk``), ``checkpoint`` (``step`` and
+    ``path``; None for ``random_init``), ``random_init``, ``seed``,
+    ``pp_export``, ``pp_export_patches``, ``trunk_sha256`` and
+    ``operative_config`` (``workdir/operative_config.gin``, copied to
+    ``assets.extra/operative_config.gin``, and its sha256; None if the
+    workdir has none); the package version and the input contract are at
+    the top level.
 
     Returns:
-      The export path.
+      The export path (``workdir/export`` or ``workdir/trunk.keras``).
 
     Raises:
       FileNotFoundError: no checkpoint in ``workdir`` and not ``random_init``.
@@ -335,7 +436,14 @@ def export_model(
       ConfigDriftError: (a ValueError) without ``force``, the trunk or the
         settings differ as described above; raised before anything is
         written, naming the first differences.
+      ExportParityError: (a ValueError) a consumer of the new export (or the
+        reloaded ``.keras`` file) computes other numbers than the trunk; the
+        previous export is kept.
     """
+    if export_format not in ("saved_model", "keras"):
+        raise ValueError(
+            f"export_format must be 'saved_model' or 'keras', got {export_format!r}."
+        )
     image_shape = tuple(image_shape)
     if len(image_shape) != 3 or image_shape[-1] is None:
         raise ValueError(
@@ -368,9 +476,12 @@ def export_model(
         "pp_export_patches": pp_export_patches,
         "random_init": bool(random_init),
         "trunk_sha256": record["sha256"],
+        "seed": seed,
+        "trunk": record["trunk"],
     }
     # The trunk trained, and the settings of the export already there.
     drift = []
+    trained = {}
     record_path = os.path.join(workdir, export_lib.TRUNK_RECORD_FILE)
     if tf.io.gfile.exists(record_path):
         with tf.io.gfile.GFile(record_path) as f:
@@ -394,13 +505,17 @@ def export_model(
             "architecture cannot be checked against training.",
             record_path,
         )
-    export_lib.recover_interrupted_export(export_path)
-    drift += export_lib.export_differences(
-        export_path,
-        image_shape=image_shape,
-        metadata=metadata,
-        keys=("pp_export", "pp_export_patches", "random_init", "trunk_sha256"),
-    )
+    training = trained.get("training") or {}
+    for key in ("task", "dataset", "train_split"):
+        metadata[key] = training.get(key)
+    if export_format == "saved_model":
+        export_lib.recover_interrupted_export(export_path)
+        drift += export_lib.export_differences(
+            export_path,
+            image_shape=image_shape,
+            metadata=metadata,
+            keys=("pp_export", "pp_export_patches", "random_init", "trunk_sha256"),
+        )
     if drift and not force:
         raise export_lib.ConfigDriftError(
             f"Refusing to write {export_path}: it would not be the network "
@@ -414,11 +529,41 @@ def export_model(
         logging.warning(
             "Exporting %s despite (force=True):\n  %s", export_path, "\n  ".join(drift)
         )
+    metadata["checkpoint"] = None
     if random_init:
         logging.info("Exporting %s at random initialisation.", trunk.name)
     else:
         path = checkpoint_lib.restore_trunk(workdir, trunk)
         logging.info("Restored the trunk of %s.", path)
+        step = re.fullmatch(r".*-(\d+)", os.path.basename(path))
+        metadata["checkpoint"] = {
+            "step": int(step.group(1)) if step else None,
+            "path": path,
+        }
+    if export_format == "keras":
+        keras_path = os.path.join(workdir, keras_trunk_lib.KERAS_FILE)
+        probe = keras_trunk_lib.trunk_probe(image_shape, preprocess)
+        parity = keras_trunk_lib.export_keras_trunk(trunk, keras_path, probe=probe)
+        logging.info(
+            "Exported %s (reloaded: max |diff| %.3g); load it after `import "
+            "revisit_tf.models`, on inputs after pp_export %r.",
+            keras_path,
+            parity["max_abs_diff"],
+            pp_export,
+        )
+        return keras_path
+    # The operative gin config of training (revisit-train writes it), if any.
+    extra_files = {}
+    config_path = os.path.join(workdir, export_lib.OPERATIVE_CONFIG_FILE)
+    metadata["operative_config"] = None
+    if tf.io.gfile.exists(config_path):
+        with tf.io.gfile.GFile(config_path, "rb") as f:
+            config = f.read()
+        extra_files[export_lib.OPERATIVE_CONFIG_FILE] = config
+        metadata["operative_config"] = {
+            "file": f"{export_lib.METADATA_DIR}/{export_lib.OPERATIVE_CONFIG_FILE}",
+            "sha256": hashlib.sha256(config).hexdigest(),
+        }
     out = export_lib.export_saved_model(
         trunk,
         export_path,
@@ -426,6 +571,8 @@ def export_model(
         preprocess=preprocess,
         patch_preprocess=patch_preprocess,
         metadata=metadata,
+        parity_consumers=parity_consumers,
+        extra_files=extra_files,
     )
     logging.info("Exported %s", out)
     return out
@@ -482,6 +629,8 @@ def linear_probe(
 
     Args:
       workdir: where results go; also the default place of the export.
+        Each L-BFGS row's accuracy against L2 also goes to TensorBoard, in
+        ``workdir/probe/tensorboard`` (``train.summaries.write_probe_sweep``).
       dataset, data_dir: the labelled source (``data.get_source``).
       train_split, val_split, test_split: split names.
       pp_probe: preprocessing from the source example to the export's input,
@@ -522,7 +671,9 @@ def linear_probe(
         objective is then sharded over its replicas.
       max_resident_bytes: above this size of the training matrix the L-BFGS
         probe streams shards from the cache instead of holding it.
-      cache_dir: the feature cache (default ``workdir/probe/feature_cache``).
+      cache_dir: the feature cache, a local directory (default
+        ``workdir/probe/feature_cache``; for a URL workdir such as ``gs://``,
+        ``probe.cache.local_cache_dir()``).
       batch_size: feature extraction batch.
       model_name: label of the rows (default: the workdir's base name).
       published_top1: a published number to print beside ours (fraction).
@@ -566,11 +717,17 @@ def linear_probe(
     for split in splits.values():
         if data_lib.num_examples(dataset, split, data_dir=data_dir) < 1:
             raise ValueError(f"The split {split!r} of {dataset!r} has no examples.")
+        data_lib.require_labels(
+            dataset,
+            split,
+            data_dir=data_dir,
+            needed_by="linear_probe (it fits and scores a classifier of them)",
+        )
 
     # 1. The feature extractor and what identifies its features.
     if features == "export":
         export_dir = export_dir or os.path.join(workdir, "export")
-        if not os.path.isdir(export_dir):
+        if not files.isdir(export_dir):
             raise FileNotFoundError(
                 f"No export at {export_dir!r}: run revisit-export on this "
                 "workdir first, or bind linear_probe.export_dir."
@@ -593,9 +750,13 @@ def linear_probe(
     endpoints = tuple(endpoints)
 
     # 2. Features of every split, extracted once into the cache.
-    cache = cache_lib.FeatureCache(
-        cache_dir or os.path.join(workdir, "probe", "feature_cache")
-    )
+    if cache_dir is None:  # the cache needs a local disk: not in a URL workdir
+        cache_dir = (
+            cache_lib.local_cache_dir()
+            if files.is_remote(workdir)
+            else os.path.join(workdir, "probe", "feature_cache")
+        )
+    cache = cache_lib.FeatureCache(cache_dir)
     entries: dict[str, dict[str, cache_lib.CachedFeatures]] = {}
     for key, split in splits.items():
         t0 = time.perf_counter()
@@ -630,6 +791,9 @@ def linear_probe(
     # 3. One probe per endpoint x protocol x subset, one row each.
     rows = []
     results_file = os.path.join(workdir, "probe", "results.jsonl")
+    # TensorBoard: every L-BFGS row's accuracy against L2 (train.summaries).
+    tensorboard_dir = os.path.join(workdir, "probe", "tensorboard")
+    progress = progress_lib.Progress(len(endpoints) * len(protocols) * len(subsets))
     for endpoint in endpoints:
         split_entries = protocols_lib.SplitEntries(
             **{key: entries[key][endpoint] for key in splits}
@@ -656,7 +820,7 @@ def linear_probe(
                 if published_top1 is not None:
                     row["published_top1"] = published_top1
                 logging.info(
-                    "Probe %s/%s %s %s: val %s, test %.2f%% (%.1fs).",
+                    "Probe %s/%s %s %s: val %s, test %.2f%% (%.1fs); probes %s.",
                     model_name,
                     endpoint,
                     name,
@@ -664,9 +828,14 @@ def linear_probe(
                     "-" if row["val_top1"] is None else f"{100 * row['val_top1']:.2f}%",
                     100 * row["test_top1"],
                     row["seconds"],
+                    progress.summary(len(rows) + 1),
                 )
                 results_lib.append_result(results_file, row)
                 rows.append(row)
+                try:
+                    summaries_lib.write_probe_sweep(tensorboard_dir, [row])
+                except Exception:  # the row is written already
+                    logging.warning("No TensorBoard L2 sweep:", exc_info=True)
     return rows
 
 
@@ -688,7 +857,7 @@ def _probe_row(model_name, endpoint, protocol, out, split_entries, workdir) -> d
         {
             "splits": protocol["splits"],
             "protocol_spec": protocol,
-            "workdir": os.path.abspath(workdir),
+            "workdir": files.absolute(workdir),
             "version": __version__,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }

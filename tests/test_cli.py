@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -82,6 +83,9 @@ def test_smoke_run_train_export_probe_report(tmp_path, capsys):
     # Export and probe re-read workdir/config.gin.
     cli.export_main(["--workdir", workdir])
     assert tf.saved_model.contains_saved_model(os.path.join(workdir, "export"))
+    cli.export_main(["--workdir", workdir, "--format", "keras"])
+    trunk = keras.saving.load_model(os.path.join(workdir, "trunk.keras"))
+    assert trunk.output["pre_logits"].shape[-1] == 128
     cli.probe_main(["--workdir", workdir])
     with open(os.path.join(workdir, "probe", "results.jsonl")) as f:
         (row,) = [json.loads(line) for line in f]

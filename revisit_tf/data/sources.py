@@ -781,6 +781,40 @@ def require_labels(
         )
 
 
+def explain_missing_feature(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    error: Exception,
+    used_by: str,
+) -> None:
+    """Turns a pp's missing-``label`` error on an unlabelled source into a clear one.
+
+    Args:
+      name, split, data_dir: The source, as for ``get_source``.
+      error: what building the pipeline raised (a ``KeyError`` or
+        ``ValueError`` of a pp op reading a feature).
+      used_by: the pp string that read it.
+
+    Raises:
+      ValueError: ``error`` names ``'label'`` and the source has none: says so,
+        and that a self-supervised pp makes its own labels. Returns otherwise
+        (the caller re-raises ``error``).
+    """
+    if "'label'" not in str(error):
+        return
+    require_labels(
+        name,
+        split,
+        data_dir=data_dir,
+        needed_by=f"pp {used_by!r} ({error}); a self-supervised pp makes its "
+        "labels (rotate4; jigsaw_perms or rel_patch_pairs in pp_train_batch, "
+        "with keep('image') in pp_train) or needs none (exemplar, simclr, "
+        "inpainting), while supervised pretraining",
+    )
+
+
 def class_names(
     name: str, *, data_dir: str | os.PathLike | None = None
 ) -> tuple[str, ...] | None:

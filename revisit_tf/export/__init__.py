@@ -25,12 +25,20 @@ Contract:
   refuse a trunk or settings that drifted (``ConfigDriftError``).
 * Consumers: the linear probe (stage 6) via ``load`` or ``tf.saved_model.load``;
   Keras 3 via ``keras.layers.TFSMLayer(path, call_endpoint=...)``; Keras 2
-  (``tf_keras``) via ``hub.KerasLayer(path, trainable=...)``.
+  (``tf_keras``) via ``hub.KerasLayer(path, trainable=...)``; TF1 graph
+  sessions / TF Serving; TFLite (``serving_default``). Every export is
+  checked through all of them before it replaces the previous one
+  (``consumers``; ``ExportParityError``), and the result is in its metadata.
+* ``.keras``: ``keras_trunk.export_keras_trunk`` writes the bare trunk
+  (inputs after the export preprocessing; load after ``import
+  revisit_tf.models``), checked on reload.
 
 See ``revisit_tf.export.saved_model`` for the details and design choices.
 """
 
+from revisit_tf.export.keras_trunk import export_keras_trunk
 from revisit_tf.export.saved_model import (
+    CONSUMERS,
     DEFAULT_OUTPUT_KEY,
     FEATURE_BUDGET,
     INPUT_KEY,
@@ -39,6 +47,8 @@ from revisit_tf.export.saved_model import (
     REPRESENTATION_SIGNATURE,
     SERVING_SIGNATURE,
     ConfigDriftError,
+    ExportParityError,
+    describe_trunk,
     export_saved_model,
     load,
     pool_to_budget,
@@ -54,7 +64,11 @@ __all__ = [
     "PATCHES_SIGNATURE",
     "REPRESENTATION_SIGNATURE",
     "SERVING_SIGNATURE",
+    "CONSUMERS",
     "ConfigDriftError",
+    "ExportParityError",
+    "describe_trunk",
+    "export_keras_trunk",
     "export_saved_model",
     "load",
     "pool_to_budget",

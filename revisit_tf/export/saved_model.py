@@ -56,8 +56,24 @@ Contract of the exported directory (``export_saved_model``):
   ``standardize``, runs inside) and returns the same dict as
   ``serving_default``.
 * ``assets.extra/revisit_tf_export.json`` records the expected input (key,
-  dtype, shape, value range), the endpoint shapes, the feature endpoint and
-  optional caller metadata, readable without TensorFlow; ``load`` checks it.
+  dtype, shape, value range), the endpoint shapes, the feature endpoint,
+  the package version, the parity gate's report (``parity``), the sha256 of
+  the ``extra_files`` copied next to it (e.g. ``operative_config.gin``) and
+  optional caller metadata (``experiments.export_model`` puts the task,
+  trunk, checkpoint, dataset and random_init there), readable without
+  TensorFlow; ``load`` checks it.
+
+Parity gate: after the SavedModel is written to its temporary directory and
+before it is moved into place, every consumer in ``parity_consumers``
+(``consumers.CONSUMERS``: ``tf.saved_model.load``, a TF1 graph session,
+``keras.layers.TFSMLayer``, ``hub.KerasLayer`` and a TFLite conversion of
+``serving_default``) runs a fixed probe batch and must reproduce the
+in-memory model's outputs (its eager Python functions) within
+``consumers.TOLERANCE`` scaled by the output's magnitude; otherwise
+``ExportParityError`` names the consumer, function, output key and
+difference, the temporary directory is removed and a previous export stays.
+TFLite is skipped (logged, recorded) for weights beyond its 2 GiB FlatBuffer.
+On the smoke trunk the gate adds about 5 s to a 3 s export (TFLite 2.3 s).
 
 Why a ``tf.train.Checkpoint`` root and ``tf.saved_model.save`` rather than
 ``keras.export.ExportArchive`` (which style guide 4.6 suggests):
@@ -69,6 +85,12 @@ root; both would need its private ``_tf_trackable``. The root here does what
 variables and ``tf.function`` s) with public API only. ``tf.Module`` is not used
 because it reserves ``variables``/``trainable_variables`` as computed
 properties, which are neither assignable nor saved.
+
+Non-local paths: any ``tf.io.gfile`` filesystem works (``gs://``,
+``ram://``); TF's ``ram://`` needs workarounds for its prefix-matching
+``exists``/``listdir`` and its directory rename (``_exists``,
+``_rename_dir``, ``_rmtree``), where the "rename" is a copy and delete and so
+not atomic.
 
 Writes are atomic and lose nothing: the SavedModel is written to a temporary
 sibling ``<path>.tmp-<random>`` and renamed into place; an existing export is
@@ -95,20 +117,24 @@ is the caller's job; this module only sees the in-memory model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 import revisit_tf
 from revisit_tf import faults
+from revisit_tf.export import consumers as consumers_lib
 
 INPUT_KEY = "images"
 DEFAULT_OUTPUT_KEY = "default"
@@ -128,6 +154,8 @@ FORMAT_VERSION = 1
 # Written by experiments.pretrain into the workdir: the trained trunk.
 TRUNK_RECORD_FILE = "trunk_config.json"
 TRUNK_RECORD_FORMAT = "revisit_tf.trunk_record"
+# Written by revisit-train into the workdir; the export copies it to METADATA_DIR.
+OPERATIVE_CONFIG_FILE = "operative_config.gin"
 # Config keys that only carry shapes (the input shape is compared separately).
 _SHAPE_KEYS = ("batch_shape", "build_config")
 
@@ -136,6 +164,10 @@ Preprocess = Callable[[tf.Tensor], tf.Tensor]
 
 class ConfigDriftError(ValueError):
     """The export would differ from what was trained or already exported."""
+
+
+ExportParityError = consumers_lib.ExportParityError
+CONSUMERS = consumers_lib.CONSUMERS
 
 
 def export_saved_model(
@@ -148,6 +180,8 @@ def export_saved_model(
     overwrite: bool = True,
     metadata: Mapping[str, Any] | None = None,
     patch_preprocess: Preprocess | None = None,
+    parity_consumers: Sequence[str] = consumers_lib.CONSUMERS,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> str:
     """Exports ``model`` as a SavedModel with the contract of this module.
 
@@ -175,6 +209,15 @@ def export_saved_model(
         ``[N, P, h, w, C]``): maps ``[N, P, h, w, C]`` patches in [0, 1] to the
         trunk's input (e.g. per-patch standardization) for the ``patches``
         signature. ``None``: patches are fed unchanged.
+      parity_consumers: the parity gate: the consumers
+        (``consumers.CONSUMERS``: ``saved_model``, ``graph_session``,
+        ``tfsm_layer``, ``hub_keras_layer``, ``tflite``) that must compute the
+        in-memory model's outputs on a fixed probe batch (within
+        ``consumers.TOLERANCE``, scaled by the output's magnitude) before the
+        new export replaces the old one. ``()`` skips the gate.
+      extra_files: ``{file name: bytes}`` copied into ``assets.extra/`` (e.g.
+        the operative gin config) and listed with their sha256 under
+        ``extra_files`` in the metadata.
 
     Returns:
       ``path`` as a string (without a trailing separator).
@@ -185,6 +228,8 @@ def export_saved_model(
         endpoint named ``default``. Raised before anything is written.
       TypeError: ``metadata`` is not JSON-serializable.
       FileExistsError: ``path`` exists and ``overwrite`` is False.
+      ExportParityError: (a ValueError) a consumer's outputs differ from the
+        model's; nothing is moved into place, a previous export is kept.
     """
     path = _normalize_path(path)
     image_shape = _check_image_shape(image_shape)
@@ -204,8 +249,20 @@ def export_saved_model(
         json.dumps(user_metadata)
     except TypeError as e:
         raise TypeError(f"metadata must be JSON-serializable: {e}") from e
+    parity_consumers = consumers_lib.check_consumers(parity_consumers)
+    extra_files = dict(extra_files or {})
+    for name, data in extra_files.items():
+        if (
+            not isinstance(name, str)
+            or not name
+            or "/" in name
+            or name == METADATA_FILE
+        ):
+            raise ValueError(f"extra_files names a file {name!r}: not a plain name.")
+        if not isinstance(data, bytes):
+            raise TypeError(f"extra_files[{name!r}] must be bytes.")
     recover_interrupted_export(path)  # An export moved aside counts as existing.
-    if not overwrite and tf.io.gfile.exists(path):
+    if not overwrite and _exists(path):
         raise FileExistsError(
             f"Export path {path!r} already exists and overwrite=False."
         )
@@ -223,11 +280,40 @@ def export_saved_model(
         patch_preprocess or (lambda x: x),
     )
     meta = _make_metadata(signatures, image_shape, feature_endpoint, user_metadata)
+    meta["extra_files"] = {
+        name: hashlib.sha256(data).hexdigest()
+        for name, data in sorted(extra_files.items())
+    }
+    inputs = reference = None
+    if parity_consumers:
+        # The in-memory model's numbers: the eager Python functions, untraced.
+        specs = {}
+        for signature in signatures.values():
+            (spec,) = signature.structured_input_signature[0]
+            specs[spec.name] = spec
+        inputs = consumers_lib.probe_inputs(specs)
+        reference = _reference_outputs(root, signatures, inputs)
+    weight_bytes = sum(
+        math.prod(v.shape) * tf.as_dtype(v.dtype).size for v in model.variables
+    )
 
     def write(directory: str) -> None:
         tf.saved_model.save(root, directory, signatures=signatures)
+        meta["parity"] = None
+        if parity_consumers:
+            meta["parity"] = consumers_lib.check_parity(
+                directory,
+                inputs,
+                reference,
+                consumers=parity_consumers,
+                weight_bytes=weight_bytes,
+            )
         meta_dir = tf.io.gfile.join(directory, METADATA_DIR)
         tf.io.gfile.makedirs(meta_dir)
+        for name, data in extra_files.items():
+            with tf.io.gfile.GFile(tf.io.gfile.join(meta_dir, name), "wb") as f:
+                f.write(data)
+        # Last: recover_interrupted_export counts only exports with this file.
         with tf.io.gfile.GFile(tf.io.gfile.join(meta_dir, METADATA_FILE), "w") as f:
             f.write(json.dumps(meta, indent=2, sort_keys=True))
 
@@ -254,7 +340,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         file, or another format version).
     """
     path = _normalize_path(path)
-    if not tf.io.gfile.isdir(path):
+    if not (_exists(path) and tf.io.gfile.isdir(path)):
         raise FileNotFoundError(f"No export directory at {path!r}.")
     meta_path = tf.io.gfile.join(path, METADATA_DIR, METADATA_FILE)
     if not tf.io.gfile.exists(meta_path):
@@ -587,13 +673,42 @@ def _build_root(
     setattr(root, REPRESENTATION_SIGNATURE, representation_fn)
     if patches_fn is not None:
         setattr(root, PATCHES_SIGNATURE, patches_fn)
-    root.variables = list(model.variables)
-    root.trainable_variables = list(model.trainable_variables)
+    # The tf.Variables underneath, not Keras 3's KerasVariable wrappers: the
+    # SavedModel exporter maps each KerasVariable it finds to a *new*
+    # tf.Variable copy, so the graph held two variables per weight and the TF1
+    # saver (graph sessions, TF Serving, TFLite) restored only the copies the
+    # functions never read ("Could not find variable ..." in a session, NaN
+    # in TFLite). The parity gate checks exactly this.
+    root.variables = [v.value for v in model.variables]
+    root.trainable_variables = [v.value for v in model.trainable_variables]
     # Same terms as keras' Layer.losses: the regularizer of each trainable weight.
     root.regularization_losses = [
         _regularization_fn(v) for v in model.trainable_weights if v.regularizer
     ]
     return root, signatures
+
+
+def _reference_outputs(
+    root: tf.train.Checkpoint,
+    signatures: Mapping[str, Any],
+    inputs: Mapping[str, np.ndarray],
+) -> consumers_lib.Outputs:
+    """The in-memory model's outputs on ``inputs`` for every exported function.
+
+    Runs the Python functions behind the ``tf.function`` s eagerly (nothing
+    traced or saved), so the parity gate compares each consumer with the
+    model itself.
+    """
+    reference = {}
+    for name, signature in signatures.items():
+        (spec,) = signature.structured_input_signature[0]
+        outputs = getattr(root, name).python_function(tf.constant(inputs[spec.name]))
+        reference[name] = {k: v.numpy() for k, v in outputs.items()}
+    default = root.__call__.python_function(
+        tf.constant(inputs[INPUT_KEY]), training=False
+    )
+    reference[consumers_lib.CALL] = {DEFAULT_OUTPUT_KEY: default.numpy()}
+    return reference
 
 
 def _regularization_fn(
@@ -664,7 +779,7 @@ def recover_interrupted_export(path: str | os.PathLike) -> str | None:
       nothing complete was moved aside.
     """
     path = _normalize_path(path)
-    if tf.io.gfile.exists(path):
+    if _exists(path):
         return None
     complete = []
     for candidate in _siblings(path, ".old-"):
@@ -674,13 +789,80 @@ def recover_interrupted_export(path: str | os.PathLike) -> str | None:
     if not complete:
         return None
     _, newest = max(complete)
-    tf.io.gfile.rename(newest, path)
+    _rename_dir(newest, path)
     logging.warning(
         "Restored the export %s from %s, where an interrupted export had moved it.",
         path,
         newest,
     )
     return newest
+
+
+# Filesystems whose directory semantics need a workaround: TF's in-memory
+# ``ram://`` answers ``exists(p)`` for any key that merely starts with ``p``
+# (so ``export`` "exists" while only ``export.tmp-*`` does) and renames a
+# directory's own key but not the files in it; ``listdir`` has the same
+# prefix confusion.
+_PREFIX_FILESYSTEMS = ("ram://",)
+
+
+def _exists(path: str) -> bool:
+    """``tf.io.gfile.exists``, exact also on ``ram://`` (see above)."""
+    if not path.startswith(_PREFIX_FILESYSTEMS):
+        return tf.io.gfile.exists(path)
+    parent, base = os.path.split(path)
+    try:
+        names = tf.io.gfile.listdir(parent)
+    except tf.errors.NotFoundError:
+        return False
+    return base in {name.rstrip("/") for name in names}
+
+
+def _rename_dir(src: str, dst: str) -> None:
+    """``tf.io.gfile.rename`` of a directory; on ``ram://`` a copy + delete."""
+    if not src.startswith(_PREFIX_FILESYSTEMS):
+        tf.io.gfile.rename(src, dst)
+        return
+    if _exists(dst):
+        raise tf.errors.AlreadyExistsError(None, None, f"{dst} exists")
+    directories, files = _ram_tree(src)
+    for directory in directories:
+        tf.io.gfile.makedirs(dst + directory[len(src) :])
+    for file_path in files:
+        tf.io.gfile.copy(file_path, dst + file_path[len(src) :])
+    _rmtree(src)
+
+
+def _rmtree(path: str) -> None:
+    """``tf.io.gfile.rmtree``; on ``ram://`` each file, then each directory.
+
+    (ram's own recursive delete follows its prefix listing into siblings.)
+    """
+    if not path.startswith(_PREFIX_FILESYSTEMS):
+        tf.io.gfile.rmtree(path)
+        return
+    directories, files = _ram_tree(path)
+    for entry in [*files, *reversed(directories)]:  # Deepest directories first.
+        with contextlib.suppress(tf.errors.NotFoundError):
+            tf.io.gfile.remove(entry)
+
+
+def _ram_tree(path: str) -> tuple[list[str], list[str]]:
+    """``(directories, files)`` under ``ram://`` ``path`` (``path`` first).
+
+    Listings there also name the tails of longer keys (``assets/.extra`` for
+    ``assets.extra/x``); only entries that exist under their own name count.
+    """
+    directories, files, pending = [], [], [path]
+    while pending:
+        directory = pending.pop()
+        directories.append(directory)
+        for name in tf.io.gfile.listdir(directory):
+            entry = tf.io.gfile.join(directory, name.rstrip("/"))
+            if not tf.io.gfile.exists(entry):
+                continue
+            (pending if tf.io.gfile.isdir(entry) else files).append(entry)
+    return directories, files
 
 
 def _siblings(path: str, infix: str) -> list[str]:
@@ -702,7 +884,7 @@ def _remove_leftovers(path: str) -> None:
     """Removes every ``<path>.tmp-*`` and ``<path>.old-*`` (one writer per path)."""
     for leftover in _siblings(path, ".tmp-") + _siblings(path, ".old-"):
         if tf.io.gfile.isdir(leftover):
-            tf.io.gfile.rmtree(leftover)
+            _rmtree(leftover)
         else:
             tf.io.gfile.remove(leftover)
         logging.info("Removed %s, left by an interrupted export.", leftover)
@@ -730,24 +912,24 @@ def _write_atomically(
     try:
         write(tmp)
         faults.point("export.tmp_written")
-        if tf.io.gfile.exists(path):
+        if _exists(path):
             if not overwrite:
                 raise FileExistsError(
                     f"Export path {path!r} already exists and overwrite=False."
                 )
-            tf.io.gfile.rename(path, old)
+            _rename_dir(path, old)
             faults.point("export.old_moved_aside")
             try:
-                tf.io.gfile.rename(tmp, path)
+                _rename_dir(tmp, path)
             except BaseException:
-                tf.io.gfile.rename(old, path)
+                _rename_dir(old, path)
                 raise
         else:
-            tf.io.gfile.rename(tmp, path)
+            _rename_dir(tmp, path)
         faults.point("export.new_moved_in")
     finally:
-        if tf.io.gfile.exists(tmp):
-            tf.io.gfile.rmtree(tmp)
+        if _exists(tmp):
+            _rmtree(tmp)
     _remove_leftovers(path)  # The old export, and what killed writers left.
     faults.point("export.leftovers_removed")
 
@@ -790,6 +972,91 @@ def architecture_record(model: keras.Model) -> dict[str, Any]:
         "input_shape": input_shape,
         "architecture": architecture,
         "sha256": sha256,
+        "trunk": describe_trunk(model),
+    }
+
+
+_UNIT = re.compile(r"^block(\d+)_unit(\d+)_")
+
+
+def describe_trunk(model: keras.Model) -> dict[str, Any]:
+    """The trunk's builder options, read back from the built network.
+
+    Read from the layers ``revisit_tf.models`` builds (their names and
+    configs), not from the builder's arguments, so it needs no gin and
+    describes what the network computes. Entries the model does not show
+    (e.g. another model's) are None.
+
+    Returns:
+      A JSON-able dict: ``architecture`` (``resnet50_v1``, ``resnet50_v2``,
+      ``revnet50``, ``vgg19`` or None), ``version`` (``v1``/``v2`` for ResNet),
+      ``width`` (k: stem channels / 16, VGG's first conv / 8), ``units`` per
+      stage (ResNet, RevNet), ``last_relu`` (False: the paper's "(-)"),
+      ``stem_stride``, ``num_classes`` (the ``logits`` layer), ``weight_decay``
+      (``2 x`` the kernels' L2 factor), ``dtype_policy``, ``input_shape`` and
+      ``name``.
+    """
+    layers = {layer.name: layer for layer in model.layers}
+    kinds = {type(layer).__name__ for layer in model.layers}
+    architecture = version = units = last_relu = None
+    stem = layers.get("root_conv")
+    if "block1_unit1_preact_bn" in layers:
+        architecture, version = "resnet50_v2", "v2"
+    elif "block1_unit1_conv1" in layers:
+        architecture, version = "resnet50_v1", "v1"
+    elif "ReversibleStage" in kinds:
+        architecture = "revnet50"
+    elif "block1_1_conv" in layers:
+        architecture, stem = "vgg19", layers["block1_1_conv"]
+    if version is not None:
+        counts: dict[int, int] = {}
+        for name in layers:
+            if match := _UNIT.match(name):
+                stage, unit = int(match.group(1)), int(match.group(2))
+                counts[stage] = max(counts.get(stage, 0), unit)
+        units = [counts[stage] for stage in sorted(counts)]
+        last_relu = True if version == "v1" else "post_relu" in layers
+    elif architecture == "revnet50":
+        stages = [
+            layer for layer in model.layers if type(layer).__name__ == "ReversibleStage"
+        ]
+        units = [int(getattr(stage, "num_units", 0)) or None for stage in stages]
+        last_relu = "post_relu" in layers
+    width = stem_stride = weight_decay = None
+    if stem is not None and architecture is not None:
+        # Channels per unit of k of the first conv (resnet.py, revnet.py, vgg.py).
+        per_k = {"vgg19": 8, "revnet50": 64}.get(architecture, 16)
+        width = stem.filters / per_k
+        width = int(width) if width == int(width) else width
+        stem_stride = int(stem.strides[0])
+        weight_decay = 0.0
+        for layer in model.layers:  # The first decayed kernel (RevNet's stem has none).
+            l2 = getattr(getattr(layer, "kernel_regularizer", None), "l2", None)
+            decay = (
+                2 * float(l2) if l2 is not None else getattr(layer, "weight_decay", 0)
+            )
+            if decay:
+                weight_decay = float(decay)
+                break
+    logits = layers.get("logits")
+    num_classes = getattr(logits, "units", None)
+    try:
+        input_shape = list(model.inputs[0].shape[1:])
+    except (AttributeError, IndexError, ValueError):
+        input_shape = None
+    policy = getattr(model, "dtype_policy", None)
+    return {
+        "architecture": architecture,
+        "version": version,
+        "width": width,
+        "units": units,
+        "last_relu": last_relu,
+        "stem_stride": stem_stride,
+        "num_classes": None if num_classes is None else int(num_classes),
+        "weight_decay": None if weight_decay is None else round(weight_decay, 12),
+        "dtype_policy": getattr(policy, "name", None),
+        "input_shape": input_shape,
+        "name": model.name,
     }
 
 
