@@ -305,23 +305,6 @@ def pretrain(
 TRAIN_METRICS_FILE = "train_metrics.json"
 
 
-def train_metrics_complete(workdir: str) -> bool:
-    """Whether ``workdir/train_metrics.json`` records a finished run.
-
-    A preempted run writes the file with ``"complete": false``; files written
-    before that key existed only ever came from finished runs.
-    """
-    path = os.path.join(workdir, TRAIN_METRICS_FILE)
-    if not tf.io.gfile.exists(path):
-        return False
-    with tf.io.gfile.GFile(path) as f:
-        try:
-            record = json.loads(f.read())
-        except json.JSONDecodeError:
-            return False
-    return isinstance(record, dict) and record.get("complete", True) is True
-
-
 SEED_FILE = "seed.json"
 
 

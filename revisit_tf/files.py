@@ -350,6 +350,17 @@ def _write_remote(path: str, data: bytes) -> None:
     faults.point("write_atomic.after_replace")
 
 
+def _holder_record(host: str, purpose: str) -> dict:
+    """What a lock file says about its holder (``WorkdirLockedError`` shows it)."""
+    return {
+        "pid": os.getpid(),
+        "host": host,
+        "purpose": purpose,
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": " ".join(sys.argv)[:500],
+    }
+
+
 class WorkdirLockedError(RuntimeError):
     """Another live process holds the directory's lock."""
 
@@ -445,13 +456,7 @@ def workdir_lock(directory: str, purpose: str, *, logger=None) -> Iterator[dict]
                 _describe(previous),
                 "that process is gone" if dead else "its lock was released",
             )
-        record = {
-            "pid": os.getpid(),
-            "host": host,
-            "purpose": purpose,
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "command": " ".join(sys.argv)[:500],
-        }
+        record = _holder_record(host, purpose)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         try:
@@ -517,13 +522,7 @@ def _remote_lock(directory: str, purpose: str, logger) -> Iterator[dict]:
             _describe(previous),
             "that process is gone" if previous.get("host") == host else "another host",
         )
-    record = {
-        "pid": os.getpid(),
-        "host": host,
-        "purpose": purpose,
-        "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "command": " ".join(sys.argv)[:500],
-    }
+    record = _holder_record(host, purpose)
     write_atomic(path, json.dumps(record))
     try:
         yield record

@@ -35,7 +35,7 @@ def ram(tmp_path, monkeypatch):
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)
-    monkeypatch.setenv("REVISIT_TF_CACHE_DIR", str(tmp_path / "feature_cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     root = f"ram://test-{uuid.uuid4().hex[:8]}"
     files.makedirs(root)
     yield root
@@ -175,7 +175,9 @@ def test_export_hash_is_the_same_on_ram_and_on_disk(ram, tmp_path):
 def test_feature_cache_refuses_a_url(ram, tmp_path):
     with pytest.raises(ValueError, match="local disk"):
         cache_lib.FeatureCache(f"{ram}/cache")
-    assert cache_lib.local_cache_dir() == str(tmp_path / "feature_cache")
+    assert cache_lib.local_cache_dir() == str(
+        tmp_path / "home" / ".cache" / "revisit_tf" / "feature_cache"
+    )
 
 
 def test_ram_workdir_train_resume_export_probe_report(ram, tmp_path, capsys):
@@ -221,7 +223,7 @@ def test_ram_workdir_train_resume_export_probe_report(ram, tmp_path, capsys):
     assert (row["n_train"], row["n_val"], row["n_test"]) == (200, 100, 100)
     assert 0.0 <= row["test_top1"] <= 1.0
     # The features were cached on the local disk (a URL workdir has none).
-    assert os.listdir(tmp_path / "feature_cache")
+    assert os.listdir(tmp_path / "home" / ".cache" / "revisit_tf" / "feature_cache")
     assert not files.exists(os.path.join(workdir, "probe", "feature_cache"))
 
     capsys.readouterr()

@@ -168,7 +168,16 @@ def test_wheel_install_runs_a_smoke_chain_outside_the_source_tree(env, tmp_path)
 
 def test_target_install_finds_every_gin_file(dist, env, tmp_path):
     target = str(tmp_path / "target")
-    _pip(env, "install", "-q", "--no-deps", "--target", target, dist[0], cwd=target)
+    _pip(
+        env,
+        "install",
+        "-q",
+        "--no-deps",
+        "--target",
+        target,
+        dist[0],
+        cwd=str(tmp_path),
+    )
     code = (
         "import json, revisit_tf; from revisit_tf import resources, cli; "
         "cli.parse_gin(['imagenet/rotation.gin', 'table1/jigsaw_vgg19_w8.gin', "

@@ -295,13 +295,16 @@ def _hash_remote_directory(path: str) -> str:
 
 
 def local_cache_dir() -> str:
-    """The feature cache of workdirs that are URLs (``FeatureCache`` needs a
-    local disk): ``$REVISIT_TF_CACHE_DIR``, else
-    ``${XDG_CACHE_HOME:-~/.cache}/revisit_tf/feature_cache``."""
-    if os.environ.get("REVISIT_TF_CACHE_DIR"):
-        return os.environ["REVISIT_TF_CACHE_DIR"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(base, "revisit_tf", "feature_cache")
+    """``~/.cache/revisit_tf/feature_cache``: the feature cache of URL workdirs.
+
+    ``FeatureCache`` needs a local disk (flock, fsync, atomic directory
+    renames), so a ``gs://`` workdir caches here unless ``linear_probe``'s
+    ``cache_dir`` names another local directory. Entries are keyed by
+    content, so workdirs can share it.
+    """
+    return os.path.join(
+        os.path.expanduser("~"), ".cache", "revisit_tf", "feature_cache"
+    )
 
 
 def _fsync_dir(path: str) -> None:
