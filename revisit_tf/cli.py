@@ -68,6 +68,8 @@ from revisit_tf.train import checkpoint as checkpoint_lib  # noqa: E402
 from revisit_tf.train import loop as loop_lib  # noqa: E402
 from revisit_tf.train import summaries  # noqa: E402
 
+_logger = logging.getLogger(__name__)
+
 CONFIG_NAME = "config.gin"
 OPERATIVE_CONFIG_NAME = "operative_config.gin"
 
@@ -328,7 +330,7 @@ def _log_includes_and_imports(parsed, *, given: Sequence[str]) -> None:
     def visit(node) -> None:
         for module in node.imports:
             if module.split(".")[0] != "revisit_tf":
-                logging.warning(
+                _logger.warning(
                     "gin: %s imports module %r; its code ran.", node.filename, module
                 )
         for child in node.includes:
@@ -338,7 +340,7 @@ def _log_includes_and_imports(parsed, *, given: Sequence[str]) -> None:
                 or any(path.startswith(root + os.sep) for root in shipped)
             )
             if not inside:
-                logging.warning(
+                _logger.warning(
                     "gin: %s includes %r, read from %s (not a shipped or given "
                     "gin file).",
                     node.filename,
@@ -397,7 +399,7 @@ def _config_recorder(workdir: str, *, force: bool) -> Callable[[], None]:
         if old is not None:
             backup = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}"
             files.write_atomic(backup, old)
-            logging.warning("The config changed; the previous one is in %s", backup)
+            _logger.warning("The config changed; the previous one is in %s", backup)
         files.write_atomic(path, text)
 
     return record
@@ -434,7 +436,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
                     os.path.join(args.workdir, "tensorboard", "config"), config
                 )
             except Exception:  # noqa: BLE001
-                logging.warning(
+                _logger.warning(
                     "Could not write the config to TensorBoard.", exc_info=True
                 )
 
@@ -507,7 +509,7 @@ def run(main_fn: Callable[[Sequence[str] | None], None], argv=None) -> int:
     try:
         main_fn(argv)
     except (loop_lib.PreemptedError, files.WorkdirLockedError) as e:
-        logging.warning("Not finished (exit code %d): %s", EXIT_RERUN, e)
+        _logger.warning("Not finished (exit code %d): %s", EXIT_RERUN, e)
         print(f"not finished: {e}", file=sys.stderr)
         return EXIT_RERUN
     except (
@@ -518,16 +520,16 @@ def run(main_fn: Callable[[Sequence[str] | None], None], argv=None) -> int:
         FloatingPointError,
         OSError,
     ) as e:
-        logging.error("%s: %s", type(e).__name__, e, exc_info=True)
+        _logger.error("%s: %s", type(e).__name__, e, exc_info=True)
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILED
     except SystemExit:
         raise  # argparse (exit code 2) and --help
     except KeyboardInterrupt:
-        logging.warning("Interrupted (KeyboardInterrupt).")
+        _logger.warning("Interrupted (KeyboardInterrupt).")
         raise
     except BaseException:
-        logging.critical("Unexpected error; the traceback follows.", exc_info=True)
+        _logger.critical("Unexpected error; the traceback follows.", exc_info=True)
         raise
     finally:
         _close_log_handlers()

@@ -51,6 +51,8 @@ from revisit_tf.train import optim
 from revisit_tf.train import strategy as strategy_lib
 from revisit_tf.train import summaries as summaries_lib
 
+_logger = logging.getLogger(__name__)
+
 ModelFn = Callable[..., keras.Model]
 
 # L2 penalties tried by the probe (objective: mean cross-entropy + l2/2 |W|^2).
@@ -204,7 +206,7 @@ def pretrain(
                 f"The learning rate is {float(schedule(at))} at step {at}: check "
                 "the schedule's bindings (base learning rate, warmup, decay)."
             )
-    logging.info(
+    _logger.info(
         "%s %s: %d examples, %d steps/epoch, %d steps in total; batch %s; "
         "lr at steps 0 and %d: %.4g, %.4g.",
         dataset,
@@ -222,7 +224,7 @@ def pretrain(
     with strategy_obj.scope():
         model = model_fn(input_spec)
         optimizer = optimizer_fn(schedule)
-    logging.info(
+    _logger.info(
         "Model %s: %s trainable parameters (trunk %s).",
         model.name,
         f"{models_lib.count_params(model):,}",
@@ -245,14 +247,14 @@ def pretrain(
             tag = summaries_lib.write_pretext_inputs(
                 next(iter(preview)), model, step=step
             )
-            logging.info("TensorBoard: training inputs as images (%s).", tag)
+            _logger.info("TensorBoard: training inputs as images (%s).", tag)
         except Exception:  # a picture must not stop a run
-            logging.warning("No TensorBoard images of the inputs:", exc_info=True)
+            _logger.warning("No TensorBoard images of the inputs:", exc_info=True)
 
     if strategy_lib.is_chief(strategy_obj):
         for name, data in pretext_lib.workdir_files(model).items():
             files.write_atomic(os.path.join(workdir, name), data)
-            logging.info("Recorded %s.", os.path.join(workdir, name))
+            _logger.info("Recorded %s.", os.path.join(workdir, name))
         # The trained trunk's architecture, which export_model checks against,
         # and what it was trained on, which the export's metadata records.
         record_path = os.path.join(workdir, export_lib.TRUNK_RECORD_FILE)
@@ -267,7 +269,7 @@ def pretrain(
             "seed": seed,
         }
         files.write_atomic(record_path, json.dumps(record, indent=1, sort_keys=True))
-        logging.info("Recorded %s.", record_path)
+        _logger.info("Recorded %s.", record_path)
     metrics_path = os.path.join(workdir, TRAIN_METRICS_FILE)
     chief = strategy_lib.is_chief(strategy_obj)
     try:
@@ -481,9 +483,9 @@ def export_model(
             for d in export_lib.architecture_differences(trained, record)
         ]
     elif random_init:
-        logging.info("No %s: a random-init export is not checked.", record_path)
+        _logger.info("No %s: a random-init export is not checked.", record_path)
     else:
-        logging.warning(
+        _logger.warning(
             "No %s (trained before revisit_tf recorded the trunk): the trunk's "
             "architecture cannot be checked against training.",
             record_path,
@@ -509,15 +511,15 @@ def export_model(
             "export_model.force = True) to export anyway."
         )
     if drift:
-        logging.warning(
+        _logger.warning(
             "Exporting %s despite (force=True):\n  %s", export_path, "\n  ".join(drift)
         )
     metadata["checkpoint"] = None
     if random_init:
-        logging.info("Exporting %s at random initialisation.", trunk.name)
+        _logger.info("Exporting %s at random initialisation.", trunk.name)
     else:
         path = checkpoint_lib.restore_trunk(workdir, trunk)
-        logging.info("Restored the trunk of %s.", path)
+        _logger.info("Restored the trunk of %s.", path)
         step = re.fullmatch(r".*-(\d+)", os.path.basename(path))
         metadata["checkpoint"] = {
             "step": int(step.group(1)) if step else None,
@@ -527,7 +529,7 @@ def export_model(
         keras_path = os.path.join(workdir, keras_trunk_lib.KERAS_FILE)
         probe = keras_trunk_lib.trunk_probe(image_shape, preprocess)
         parity = keras_trunk_lib.export_keras_trunk(trunk, keras_path, probe=probe)
-        logging.info(
+        _logger.info(
             "Exported %s (reloaded: max |diff| %.3g); load it after `import "
             "revisit_tf.models`, on inputs after pp_export %r.",
             keras_path,
@@ -557,7 +559,7 @@ def export_model(
         parity_consumers=parity_consumers,
         extra_files=extra_files,
     )
-    logging.info("Exported %s", out)
+    _logger.info("Exported %s", out)
     return out
 
 
@@ -762,7 +764,7 @@ def linear_probe(
             return extractor.iter_batches(ds)
 
         entries[key] = cache.get_or_build(specs, build, verify=True)
-        logging.info(
+        _logger.info(
             "Features of %s %s: %d examples, %s (%.1fs).",
             dataset,
             split,
@@ -802,7 +804,7 @@ def linear_probe(
                 row["dataset"], row["features"] = dataset, features
                 if published_top1 is not None:
                     row["published_top1"] = published_top1
-                logging.info(
+                _logger.info(
                     "Probe %s/%s %s %s: val %s, test %.2f%% (%.1fs); probes %s.",
                     model_name,
                     endpoint,
@@ -818,7 +820,7 @@ def linear_probe(
                 try:
                     summaries_lib.write_probe_sweep(tensorboard_dir, [row])
                 except Exception:  # the row is written already
-                    logging.warning("No TensorBoard L2 sweep:", exc_info=True)
+                    _logger.warning("No TensorBoard L2 sweep:", exc_info=True)
     return rows
 
 

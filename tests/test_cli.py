@@ -133,7 +133,7 @@ def test_log_level_flag_and_the_final_error_in_the_log(tmp_path):
         log = f.read()
     assert "an info line" not in log and "a warning line" in log
     assert "tensorflow chatter" not in log and "tensorflow warning" in log
-    assert "C root] Unexpected error" in log
+    assert "C revisit_tf.cli] Unexpected error" in log
     assert "Traceback" in log and "RuntimeError: an unexpected bug" in log
 
     with pytest.raises(RuntimeError):

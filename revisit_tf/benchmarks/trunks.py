@@ -40,6 +40,8 @@ from revisit_tf import __version__
 from revisit_tf.models import factory
 from revisit_tf.models.resnet import count_params
 
+_logger = logging.getLogger(__name__)
+
 BASELINE = "keras.applications.ResNet50"
 # Reference sections 5.5, 6: every trunk trains with weight decay 1e-4.
 BASELINE_WEIGHT_DECAY = 1e-4
@@ -132,7 +134,7 @@ def benchmark_size(
         step_fns[name] = make_train_step(model, explicit_weight_decay=decay)
         t0 = time.perf_counter()
         time_steps(step_fns[name], images, labels, 2)  # trace + warm up
-        logging.info(
+        _logger.info(
             "%s @%d px: traced and warmed up in %.1fs",
             name,
             size,
@@ -143,7 +145,7 @@ def benchmark_size(
         for name in models:
             seconds = time_steps(step_fns[name], images, labels, steps)
             rates[name].append(batch * steps / seconds)
-        logging.info(
+        _logger.info(
             "%d px round %d/%d: %s",
             size,
             r + 1,

@@ -39,6 +39,8 @@ from collections.abc import Mapping
 
 import tensorflow as tf
 
+_logger = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 LABEL_MODES = ("auto", "folders", "none")
 # First bytes of the two formats (JPEG SOI marker + next marker; PNG signature).
@@ -232,7 +234,7 @@ def list_image_folder(
     if key not in _LOGGED:
         _LOGGED.add(key)
         if listing.class_names is None:
-            logging.info(
+            _logger.info(
                 "Image folder %s: %d images, unlabelled; skipped files: %s.",
                 root,
                 len(listing.paths),
@@ -240,7 +242,7 @@ def list_image_folder(
             )
         else:
             counts = collections.Counter(listing.labels)
-            logging.info(
+            _logger.info(
                 "Image folder %s: %d images in %d classes (label: name, images): "
                 "%s; skipped files: %s.",
                 root,

@@ -75,6 +75,8 @@ import tensorflow_datasets as tfds
 
 from revisit_tf.data import folder, idx
 
+_logger = logging.getLogger(__name__)
+
 SPLIT_ALIASES = ("train", "val", "trainval", "test")
 # Held-out percentage of the official training split for datasets without a
 # `num_held_out` (our choice; the paper only defines ImageNet's).
@@ -429,7 +431,7 @@ class _TfdsReader:
             # but generate examples; then count them (mock splits are tiny).
             ds = self.read(spec)
             count = int(ds.reduce(0, lambda n, _: n + 1))
-            logging.warning(
+            _logger.warning(
                 "%s %s: no split sizes in the TFDS metadata (mock data?); counted "
                 "%d examples by reading them.",
                 self.name,

@@ -58,6 +58,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+_logger = logging.getLogger(__name__)
+
 SAVED_MODEL = "saved_model"
 GRAPH_SESSION = "graph_session"
 TFSM_LAYER = "tfsm_layer"
@@ -305,7 +307,7 @@ def check_parity(
                 f"weights take {weight_bytes / 2**30:.2f} GiB, beyond what a TFLite "
                 "FlatBuffer holds (2 GiB)"
             )
-            logging.warning("Parity check: skipped %s: %s.", name, reason)
+            _logger.warning("Parity check: skipped %s: %s.", name, reason)
             report[name] = {"status": "skipped", "reason": reason}
             continue
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -313,13 +315,13 @@ def check_parity(
             outputs = RUNNERS[name](path, inputs, cache)
         except ImportError as e:
             reason = f"not installed: {e}"
-            logging.warning("Parity check: skipped %s: %s.", name, reason)
+            _logger.warning("Parity check: skipped %s: %s.", name, reason)
             report[name] = {"status": "skipped", "reason": reason}
             continue
         except Exception as e:  # noqa: BLE001 - any failure fails the gate.
             if name == TFLITE and _SIZE_LIMIT_ERROR.search(str(e)):
                 reason = f"the converter hit the 2 GiB FlatBuffer limit: {e}"
-                logging.warning("Parity check: skipped %s: %s", name, reason)
+                _logger.warning("Parity check: skipped %s: %s", name, reason)
                 report[name] = {"status": "skipped", "reason": reason[:500]}
                 continue
             failures.append(f"{name}: failed: {type(e).__name__}: {e}"[:2000])
@@ -336,7 +338,7 @@ def check_parity(
             "cpu_seconds": round(cpu_seconds, 3),
             "functions": sorted(outputs),
         }
-        logging.info(
+        _logger.info(
             "Parity check: %s %s (max |diff| %.3g, %.2fs).",
             name,
             report[name]["status"],

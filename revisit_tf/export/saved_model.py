@@ -136,6 +136,8 @@ import revisit_tf
 from revisit_tf import faults
 from revisit_tf.export import consumers as consumers_lib
 
+_logger = logging.getLogger(__name__)
+
 INPUT_KEY = "images"
 DEFAULT_OUTPUT_KEY = "default"
 SERVING_SIGNATURE = "serving_default"
@@ -790,7 +792,7 @@ def recover_interrupted_export(path: str | os.PathLike) -> str | None:
         return None
     _, newest = max(complete)
     _rename_dir(newest, path)
-    logging.warning(
+    _logger.warning(
         "Restored the export %s from %s, where an interrupted export had moved it.",
         path,
         newest,
@@ -887,7 +889,7 @@ def _remove_leftovers(path: str) -> None:
             _rmtree(leftover)
         else:
             tf.io.gfile.remove(leftover)
-        logging.info("Removed %s, left by an interrupted export.", leftover)
+        _logger.info("Removed %s, left by an interrupted export.", leftover)
 
 
 def _write_atomically(

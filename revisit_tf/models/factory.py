@@ -23,6 +23,8 @@ import keras
 
 from revisit_tf.models import resnet, revnet, vgg
 
+_logger = logging.getLogger(__name__)
+
 # Architecture name -> (builder, fixed keyword arguments).
 _ARCHITECTURES: dict[str, tuple[Callable[..., keras.Model], dict]] = {
     "resnet50_v1": (resnet.build_resnet, {"version": "v1"}),
@@ -145,7 +147,7 @@ def build_trunk(
                 kwargs[key] = value
         elif key in _IGNORED_BY_VGG:
             if value is not None:
-                logging.info("%s: no option %s, ignoring %r.", architecture, key, value)
+                _logger.info("%s: no option %s, ignoring %r.", architecture, key, value)
         elif value != defaults.get(key, value):
             raise ValueError(
                 f"Architecture {architecture!r} has no option {key!r} "

@@ -39,6 +39,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+_logger = logging.getLogger(__name__)
+
 TRUNK_NAME = "trunk"
 
 # head_fn(endpoints, inputs) -> outputs, on symbolic (Keras) tensors.
@@ -124,7 +126,7 @@ def build_pretext_model(
     if len(image_shape) > 3:  # [B, K, ..., H, W, C] -> [B * K * ..., H, W, C]
         images = keras.ops.reshape(images, (-1, *trunk_shape))
     trunk = trunk_fn(input_shape=trunk_shape)
-    logging.info(
+    _logger.info(
         "Pretext model %r: trunk %s on %s inputs, nested as %r; head %s.",
         name,
         trunk.name,

@@ -35,6 +35,8 @@ import numpy as np
 
 from revisit_tf import files
 
+_logger = logging.getLogger(__name__)
+
 PERM_LENGTH = 9  # 3x3 grid (reference 4.3).
 # Statistics of the published permutations_100_max.bin (reference 4.6).
 REFERENCE_MIN_HAMMING = 2
@@ -317,7 +319,7 @@ def get_permutations(
         perms = read_permutation_file(
             path, num_permutations=num_permutations, sha256=sha256
         )
-        logging.info(
+        _logger.info(
             "Jigsaw permutations from %s (sha256 %s).", path, file_sha256(path)
         )
         perms.setflags(write=False)

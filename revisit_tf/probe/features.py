@@ -23,6 +23,8 @@ from revisit_tf import progress as progress_lib
 from revisit_tf.export.saved_model import FEATURE_BUDGET
 from revisit_tf.export.saved_model import pool_to_budget as export_pool_to_budget
 
+_logger = logging.getLogger(__name__)
+
 # Reference 8.2: fixed target of 9000 features per endpoint (the export's
 # patch-averaging signature uses the same pooling).
 POOLING = f"max_to_{FEATURE_BUDGET}"
@@ -148,7 +150,7 @@ def log_progress(
         yield batch["image"], labels
         seen += len(labels)
         if progress.due():
-            logging.info(
+            _logger.info(
                 "%s: batch %s; %d images, %.0f images/s.",
                 what,
                 progress.summary(i + 1),

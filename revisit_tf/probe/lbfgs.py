@@ -109,6 +109,8 @@ import tensorflow_probability as tfp
 from revisit_tf import progress as progress_lib
 from revisit_tf.probe import arrays
 
+_logger = logging.getLogger(__name__)
+
 _NUM_CORRECTION_PAIRS = 10
 _MAX_LINE_SEARCH_ITERATIONS = 50
 _SUPPORTED_DTYPES = (tf.float32, tf.float64)
@@ -1019,7 +1021,7 @@ def warn_if_badly_scaled(
     """
     if not max_abs > BADLY_SCALED_MAX_ABS:
         return False
-    logging.warning(
+    _logger.warning(
         "L-BFGS did not converge at l2 %.1e (max |dJ/dTheta| = %.3g > tolerance "
         "%.1e after %d iterations): the features are badly scaled (max |x| = "
         "%.3g > %.0e). Standardize them (lbfgs.Standardizer, or the sweeps' "
@@ -1076,7 +1078,7 @@ def _maybe_preconditioner(
         return None
     dim = int(features.shape[1])
     if dim > _PRECONDITION_MAX_DIM:
-        logging.info(
+        _logger.info(
             "%d features > %d: L-BFGS runs without the X^T X preconditioner.",
             dim,
             _PRECONDITION_MAX_DIM,
@@ -1354,7 +1356,7 @@ def sweep_l2(
         val_top1 = _top1(fit, val_x_t, val_y)
         table.append(SweepPoint.of_fit(fit, _top1(fit, train_x_t, train_y), val_top1))
         point = table[-1]
-        logging.info(
+        _logger.info(
             "l2 %.1e: train %.2f%%, val %.2f%% (%d iterations%s, %.1fs); sweep %s.",
             l2,
             100 * point.train_top1,

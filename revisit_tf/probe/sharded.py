@@ -53,6 +53,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from revisit_tf import progress as progress_lib
 from revisit_tf.probe import cache as cache_lib
 from revisit_tf.probe import lbfgs
 
@@ -564,7 +565,8 @@ def sweep_l2_sharded(
         raise ValueError(f"val has {val.dim} features per row; expected {train.dim}.")
     standardizer = fit_standardizer(train) if standardize else None
     table, best, best_val, previous = [], None, -1.0, None
-    for l2 in grid:
+    progress = progress_lib.Progress(len(grid))
+    for i, l2 in enumerate(grid):
         objective = ShardedObjective(
             train,
             num_classes=num_classes,
@@ -583,6 +585,17 @@ def sweep_l2_sharded(
         val_top1 = top1(fit, val, standardizer)
         table.append(
             lbfgs.SweepPoint.of_fit(fit, top1(fit, train, standardizer), val_top1)
+        )
+        _logger.info(
+            "l2 %.1e (streamed): train %.2f%%, val %.2f%% (%d iterations%s, "
+            "%.1fs); sweep %s.",
+            l2,
+            100 * table[-1].train_top1,
+            100 * val_top1,
+            fit.iterations,
+            "" if fit.converged else ", NOT converged",
+            fit.seconds,
+            progress.summary(i + 1),
         )
         if val_top1 > best_val:
             best, best_val = fit, val_top1

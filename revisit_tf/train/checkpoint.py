@@ -56,6 +56,8 @@ import tensorflow as tf
 
 from revisit_tf import faults, files
 
+_logger = logging.getLogger(__name__)
+
 PREFIX = "ckpt"
 _INDEX = re.compile(rf"^{PREFIX}-(\d+)\.index$")
 
@@ -134,7 +136,7 @@ def checkpoint_steps(directory: str) -> list[int]:
             for quoted in re.findall(r'"([^"]*)"', text):
                 target = os.path.normpath(os.path.join(directory, quoted))
                 if os.path.dirname(target) != os.path.normpath(directory):
-                    logging.warning(
+                    _logger.warning(
                         "Ignoring %r in %s: checkpoints are only read from %s.",
                         quoted,
                         state,
@@ -288,10 +290,10 @@ class Checkpointer:
         for name in sorted(_names(self.directory)):
             path = os.path.join(self.directory, name)
             if name.endswith("_temp"):
-                logging.warning("Removing %s, left by an interrupted save.", path)
+                _logger.warning("Removing %s, left by an interrupted save.", path)
                 _remove(path)
             elif ".tmp-" in name:
-                logging.warning("Removing %s, left by an interrupted write.", path)
+                _logger.warning("Removing %s, left by an interrupted write.", path)
                 _remove(path)
 
     def restore_latest(self) -> int:
@@ -313,10 +315,10 @@ class Checkpointer:
                 self._set_aside(os.path.join(self.directory, name), exact=True)
         path, failures = _restore_newest(self.checkpoint, self.directory)
         if path is None:
-            logging.info("No checkpoint in %s: starting from scratch.", self.directory)
+            _logger.info("No checkpoint in %s: starting from scratch.", self.directory)
             return 0
         for bad, reason in failures:
-            logging.warning(
+            _logger.warning(
                 "Newest checkpoint %s is unreadable (%s); resuming from %s.",
                 bad,
                 reason,
@@ -326,7 +328,7 @@ class Checkpointer:
                 self._set_aside(bad)
         step = int(self._optimizer.iterations.numpy())
         self.restored_metrics = read_metrics(self.directory, step)
-        logging.info("Restored %s (step %d).", path, step)
+        _logger.info("Restored %s (step %d).", path, step)
         return step
 
     def _set_aside(self, prefix: str, *, exact: bool = False) -> None:
@@ -341,7 +343,7 @@ class Checkpointer:
             tf.io.gfile.rename(
                 path, os.path.join(target, os.path.basename(path)), overwrite=True
             )
-        logging.warning("Moved the files of %s to %s.", prefix, target)
+        _logger.warning("Moved the files of %s to %s.", prefix, target)
 
     def save(self, step: int, metrics: dict[str, float] | None = None) -> str | None:
         """Writes a checkpoint for ``step``; returns its path on the chief.
@@ -392,5 +394,5 @@ class Checkpointer:
             for name in _files_of(self.directory, _prefix(self.directory, old)):
                 tf.io.gfile.remove(name)
         faults.point("checkpoint.after_cleanup")
-        logging.info("Saved checkpoint %s", path)
+        _logger.info("Saved checkpoint %s", path)
         return path

@@ -41,6 +41,8 @@ from revisit_tf.train import checkpoint as checkpoint_lib
 from revisit_tf.train import losses as losses_lib
 from revisit_tf.train import strategy as strategy_lib
 
+_logger = logging.getLogger(__name__)
+
 LossFn = losses_lib.LossFn
 MetricFn = losses_lib.MetricFn
 
@@ -181,7 +183,7 @@ class _Preemption:
 
     def _handle(self, signum, frame):
         del signum, frame
-        logging.warning("SIGTERM: saving a checkpoint after the current loop.")
+        _logger.warning("SIGTERM: saving a checkpoint after the current loop.")
         self.requested = True
 
     def __exit__(self, *exc):
@@ -286,7 +288,7 @@ def train(
         ):
             # mixed_float16 gradients underflow without loss scaling.
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-            logging.info("mixed_float16 trunk: dynamic loss scaling.")
+            _logger.info("mixed_float16 trunk: dynamic loss scaling.")
         optimizer.build(model.trainable_variables)
     ckpt = checkpoint_lib.Checkpointer(
         workdir,
@@ -299,7 +301,7 @@ def train(
     )
     step = ckpt.restore_latest()
     if step >= total_steps:
-        logging.info("Step %d >= total_steps %d: nothing to train.", step, total_steps)
+        _logger.info("Step %d >= total_steps %d: nothing to train.", step, total_steps)
         return dict(ckpt.restored_metrics)
 
     dataset = strategy.distribute_datasets_from_function(
@@ -341,7 +343,7 @@ def train(
         if chief
         else tf.summary.create_noop_writer()
     )
-    logging.info(
+    _logger.info(
         "Training from step %d to %d: global batch %d examples, %d replica(s), "
         "per-replica batch %d.",
         step,
@@ -407,7 +409,7 @@ def train(
                 "learning_rate": lr,
                 "examples_per_sec": rate * global_batch_size,
             }
-            logging.info(
+            _logger.info(
                 "step %d/%d  loss %.4f  %s%slr %.4g  %.0f examples/s  ETA %s",
                 step,
                 total_steps,
@@ -432,7 +434,7 @@ def train(
                 ckpt.save(step, metrics)
             if preemption.requested and step < total_steps:
                 writer.close()
-                logging.warning("Preempted at step %d; checkpoint saved.", step)
+                _logger.warning("Preempted at step %d; checkpoint saved.", step)
                 raise PreemptedError(
                     f"Preempted at step {step} of {total_steps}; checkpoint "
                     "saved: rerun the same command to resume.",

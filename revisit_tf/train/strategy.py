@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+_logger = logging.getLogger(__name__)
+
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
 
@@ -70,7 +72,7 @@ def make_strategy(
         raise ValueError(
             f"Unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}."
         )
-    logging.info(
+    _logger.info(
         "Strategy %s with %d replica(s) in sync.",
         type(strategy).__name__,
         strategy.num_replicas_in_sync,

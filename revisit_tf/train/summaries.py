@@ -65,6 +65,8 @@ import tensorflow as tf
 
 from revisit_tf.models import heads
 
+_logger = logging.getLogger(__name__)
+
 NUM_EXAMPLES = 4  # source examples drawn per input summary
 MIN_DISPLAY_SIDE = 96  # pictures lower than this are enlarged (pixels)
 MAX_UPSCALE = 8
@@ -486,7 +488,7 @@ def probe_sweep_scalars(row: Mapping[str, Any]) -> list[tuple[str, int, float]]:
     for point in path:
         step = l2_step(point["l2"])
         if steps.setdefault(step, point["l2"]) != point["l2"]:
-            logging.warning(
+            _logger.warning(
                 "Probe sweep %s: l2 %g and %g share TensorBoard step %d; the "
                 "later one hides the earlier.",
                 prefix,
