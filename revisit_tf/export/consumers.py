@@ -182,11 +182,18 @@ def run_graph_session(
     outputs = {}
     graph = tf.Graph()
     with graph.as_default(), tf.compat.v1.Session(graph=graph) as session:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            meta_graph = tf.compat.v1.saved_model.loader.load(
-                session, [tf.saved_model.SERVING], path
-            )
+        # TF logs the TF1 loader's deprecation as a WARNING: the point here.
+        tf_logger = logging.getLogger("tensorflow")
+        level = tf_logger.level
+        tf_logger.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                meta_graph = tf.compat.v1.saved_model.loader.load(
+                    session, [tf.saved_model.SERVING], path
+                )
+        finally:
+            tf_logger.setLevel(level)
         for name, signature in meta_graph.signature_def.items():
             if name.startswith("__"):  # e.g. __saved_model_init_op
                 continue
