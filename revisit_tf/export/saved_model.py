@@ -117,7 +117,6 @@ is the caller's job; this module only sees the in-memory model.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -133,7 +132,7 @@ import numpy as np
 import tensorflow as tf
 
 import revisit_tf
-from revisit_tf import faults
+from revisit_tf import faults, files
 from revisit_tf.export import consumers as consumers_lib
 
 _logger = logging.getLogger(__name__)
@@ -264,7 +263,7 @@ def export_saved_model(
         if not isinstance(data, bytes):
             raise TypeError(f"extra_files[{name!r}] must be bytes.")
     recover_interrupted_export(path)  # An export moved aside counts as existing.
-    if not overwrite and _exists(path):
+    if not overwrite and files.exists(path):
         raise FileExistsError(
             f"Export path {path!r} already exists and overwrite=False."
         )
@@ -342,7 +341,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         file, or another format version).
     """
     path = _normalize_path(path)
-    if not (_exists(path) and tf.io.gfile.isdir(path)):
+    if not (files.exists(path) and tf.io.gfile.isdir(path)):
         raise FileNotFoundError(f"No export directory at {path!r}.")
     meta_path = tf.io.gfile.join(path, METADATA_DIR, METADATA_FILE)
     if not tf.io.gfile.exists(meta_path):
@@ -781,7 +780,7 @@ def recover_interrupted_export(path: str | os.PathLike) -> str | None:
       nothing complete was moved aside.
     """
     path = _normalize_path(path)
-    if _exists(path):
+    if files.exists(path):
         return None
     complete = []
     for candidate in _siblings(path, ".old-"):
@@ -800,71 +799,16 @@ def recover_interrupted_export(path: str | os.PathLike) -> str | None:
     return newest
 
 
-# Filesystems whose directory semantics need a workaround: TF's in-memory
-# ``ram://`` answers ``exists(p)`` for any key that merely starts with ``p``
-# (so ``export`` "exists" while only ``export.tmp-*`` does) and renames a
-# directory's own key but not the files in it; ``listdir`` has the same
-# prefix confusion.
-_PREFIX_FILESYSTEMS = ("ram://",)
-
-
-def _exists(path: str) -> bool:
-    """``tf.io.gfile.exists``, exact also on ``ram://`` (see above)."""
-    if not path.startswith(_PREFIX_FILESYSTEMS):
-        return tf.io.gfile.exists(path)
-    parent, base = os.path.split(path)
-    try:
-        names = tf.io.gfile.listdir(parent)
-    except tf.errors.NotFoundError:
-        return False
-    return base in {name.rstrip("/") for name in names}
-
-
 def _rename_dir(src: str, dst: str) -> None:
-    """``tf.io.gfile.rename`` of a directory; on ``ram://`` a copy + delete."""
-    if not src.startswith(_PREFIX_FILESYSTEMS):
+    """``tf.io.gfile.rename`` of a directory (one atomic ``rename(2)`` locally).
+
+    On ``ram://``, whose rename moves a directory's own entry but not its
+    files, ``files.rename_tree`` moves file by file (not atomic there).
+    """
+    if files.scheme(src) == "ram":
+        files.rename_tree(src, dst)
+    else:
         tf.io.gfile.rename(src, dst)
-        return
-    if _exists(dst):
-        raise tf.errors.AlreadyExistsError(None, None, f"{dst} exists")
-    directories, files = _ram_tree(src)
-    for directory in directories:
-        tf.io.gfile.makedirs(dst + directory[len(src) :])
-    for file_path in files:
-        tf.io.gfile.copy(file_path, dst + file_path[len(src) :])
-    _rmtree(src)
-
-
-def _rmtree(path: str) -> None:
-    """``tf.io.gfile.rmtree``; on ``ram://`` each file, then each directory.
-
-    (ram's own recursive delete follows its prefix listing into siblings.)
-    """
-    if not path.startswith(_PREFIX_FILESYSTEMS):
-        tf.io.gfile.rmtree(path)
-        return
-    directories, files = _ram_tree(path)
-    for entry in [*files, *reversed(directories)]:  # Deepest directories first.
-        with contextlib.suppress(tf.errors.NotFoundError):
-            tf.io.gfile.remove(entry)
-
-
-def _ram_tree(path: str) -> tuple[list[str], list[str]]:
-    """``(directories, files)`` under ``ram://`` ``path`` (``path`` first).
-
-    Listings there also name the tails of longer keys (``assets/.extra`` for
-    ``assets.extra/x``); only entries that exist under their own name count.
-    """
-    directories, files, pending = [], [], [path]
-    while pending:
-        directory = pending.pop()
-        directories.append(directory)
-        for name in tf.io.gfile.listdir(directory):
-            entry = tf.io.gfile.join(directory, name.rstrip("/"))
-            if not tf.io.gfile.exists(entry):
-                continue
-            (pending if tf.io.gfile.isdir(entry) else files).append(entry)
-    return directories, files
 
 
 def _siblings(path: str, infix: str) -> list[str]:
@@ -886,7 +830,7 @@ def _remove_leftovers(path: str) -> None:
     """Removes every ``<path>.tmp-*`` and ``<path>.old-*`` (one writer per path)."""
     for leftover in _siblings(path, ".tmp-") + _siblings(path, ".old-"):
         if tf.io.gfile.isdir(leftover):
-            _rmtree(leftover)
+            files.rmtree(leftover)
         else:
             tf.io.gfile.remove(leftover)
         _logger.info("Removed %s, left by an interrupted export.", leftover)
@@ -914,7 +858,7 @@ def _write_atomically(
     try:
         write(tmp)
         faults.point("export.tmp_written")
-        if _exists(path):
+        if files.exists(path):
             if not overwrite:
                 raise FileExistsError(
                     f"Export path {path!r} already exists and overwrite=False."
@@ -930,8 +874,8 @@ def _write_atomically(
             _rename_dir(tmp, path)
         faults.point("export.new_moved_in")
     finally:
-        if _exists(tmp):
-            _rmtree(tmp)
+        if files.exists(tmp):
+            files.rmtree(tmp)
     _remove_leftovers(path)  # The old export, and what killed writers left.
     faults.point("export.leftovers_removed")
 
