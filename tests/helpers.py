@@ -40,3 +40,27 @@ def two_replica_strategy():
     return tf.distribute.MirroredStrategy(
         devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
     )
+
+
+def export_tiny_patch_model(path, *, num_classes: int) -> str:
+    """A Jigsaw-style patch export: 3x3 patches of 8x8x1 from 24x24x1 images.
+
+    A tiny ResNet50 v1 patch trunk (random init), the export cutting and
+    standardising the patches itself (reference 8.3). Returns the path.
+    """
+    from revisit_tf.export import saved_model as export_lib
+    from revisit_tf.models import factory
+
+    trunk = factory.build_trunk(
+        "resnet50_v1", width=0.25, units=(1, 1, 1, 1), num_classes=num_classes,
+        patch_variant=True, input_shape=(8, 8, 1),
+    )  # fmt: skip
+    pp = get_preprocess_fn("crop_patches(3, 0, random=False)|standardize")
+    patch_pp = get_preprocess_fn("standardize")
+    return export_lib.export_saved_model(
+        trunk,
+        str(path),
+        image_shape=(24, 24, 1),
+        preprocess=lambda x: pp({"image": x})["image"],
+        patch_preprocess=lambda x: patch_pp({"image": x})["image"],
+    )

@@ -23,12 +23,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_hub as hub
 import tf_keras
+from helpers import export_tiny_patch_model
 
 from revisit_tf import experiments
 from revisit_tf.export import consumers as consumers_lib
 from revisit_tf.export import saved_model as export_lib
 from revisit_tf.models import factory, pretext
-from revisit_tf.pp import get_preprocess_fn
 from revisit_tf.train import losses
 
 IMAGE_SHAPE = (16, 16, 3)
@@ -174,19 +174,7 @@ def test_the_gate_records_every_consumer_within_tolerance(smoke_export):
 
 def test_patch_exports_pass_the_gate_with_their_patches_signature(tmp_path):
     keras.utils.set_random_seed(0)
-    trunk = factory.build_trunk(
-        "resnet50_v1", width=0.25, units=(1, 1, 1, 1), num_classes=8,
-        patch_variant=True, input_shape=(8, 8, 1),
-    )  # fmt: skip
-    pp = get_preprocess_fn("crop_patches(3, 0, random=False)|standardize")
-    patch_pp = get_preprocess_fn("standardize")
-    path = export_lib.export_saved_model(
-        trunk,
-        str(tmp_path / "export"),
-        image_shape=(24, 24, 1),
-        preprocess=lambda x: pp({"image": x})["image"],
-        patch_preprocess=lambda x: patch_pp({"image": x})["image"],
-    )
+    path = export_tiny_patch_model(tmp_path / "export", num_classes=8)
     consumers = export_lib.read_metadata(path)["parity"]["consumers"]
     assert all(r["status"] == "passed" for r in consumers.values()), consumers
     assert "patches" in consumers["saved_model"]["functions"]

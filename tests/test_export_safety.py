@@ -22,6 +22,7 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import export_tiny_patch_model
 from test_export import (
     assert_outputs_close,
     build_tiny_trunk,
@@ -34,7 +35,6 @@ from revisit_tf import experiments, faults
 from revisit_tf.export import read_metadata
 from revisit_tf.export import saved_model as export_lib
 from revisit_tf.models import factory, pretext
-from revisit_tf.pp import get_preprocess_fn
 from revisit_tf.probe.features import SavedModelFeatures
 
 
@@ -85,19 +85,7 @@ def test_images_in_range_and_within_tolerance_pass(exported):
 
 
 def test_patches_signature_refuses_out_of_range_patches(tmp_path):
-    trunk = factory.build_trunk(
-        "resnet50_v1", width=0.25, units=(1, 1, 1, 1), num_classes=4,
-        patch_variant=True, input_shape=(8, 8, 1),
-    )  # fmt: skip
-    pp = get_preprocess_fn("crop_patches(3, 0, random=False)|standardize")
-    patch_pp = get_preprocess_fn("standardize")
-    path = export_lib.export_saved_model(
-        trunk,
-        tmp_path / "export",
-        image_shape=(24, 24, 1),
-        preprocess=lambda x: pp({"image": x})["image"],
-        patch_preprocess=lambda x: patch_pp({"image": x})["image"],
-    )
+    path = export_tiny_patch_model(tmp_path / "export", num_classes=4)
     loaded = tf.saved_model.load(path)
     patches = np.random.default_rng(0).uniform(0, 255, (2, 9, 8, 8, 1)).astype("f4")
     with pytest.raises(tf.errors.InvalidArgumentError) as info:
