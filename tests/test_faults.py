@@ -32,12 +32,6 @@ from revisit_tf.train import checkpoint as checkpoint_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN = ["--gin_file", "demo/fashion_mnist_rotation.gin", "--gin_file", "smoke.gin"]
-# The tier is about writes, not consumers (tests/test_export_consumers.py):
-# two of the parity gate's five consumers keep its ~40 exports fast.
-GIN += [
-    "--gin_bindings",
-    "export_model.parity_consumers = ('saved_model', 'graph_session')",
-]
 FULL = os.environ.get("REVISIT_TF_FAULT_TIER") == "full"
 KINDS = ("train", "export", "probe")
 MAINS = {"train": cli.train_main, "export": cli.export_main, "probe": cli.probe_main}

@@ -155,6 +155,11 @@ def test_wheel_install_runs_a_smoke_chain_outside_the_source_tree(env, tmp_path)
     assert summary["revisit_tf"].startswith(site), summary
     assert summary["gin_dir"].startswith(site), summary
     assert summary["codes"] == {"train": 0, "export": 0, "probe": 0}, out[-4000:]
+    consumers = ("saved_model", "graph_session", "tfsm_layer", "hub_keras_layer")
+    assert summary["parity"] == {
+        **dict.fromkeys(consumers, "passed"),
+        "tflite": "passed",
+    }
     assert [r["endpoint"] for r in summary["rows"]] == ["pre_logits"]
     assert 0.0 <= summary["rows"][0]["test_top1"] <= 1.0
     # The console scripts are installed and answer.

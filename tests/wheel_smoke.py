@@ -23,6 +23,9 @@ BINDINGS = [
     "linear_probe.val_split = 'train[16:24]'",
     "linear_probe.test_split = 'validation[:8]'",
     "linear_probe.batch_size = 8",
+    # All five of the export's consumers (smoke.gin checks two), at the floors.
+    "export_model.parity_consumers = ('saved_model', 'graph_session', "
+    "'tfsm_layer', 'hub_keras_layer', 'tflite')",
 ]
 
 
@@ -41,6 +44,12 @@ def main(workdir: str) -> None:
         with open(results) as f:
             rows = [json.loads(line) for line in f]
     import revisit_tf
+    from revisit_tf.export import read_metadata
+
+    parity = {}
+    if os.path.isdir(os.path.join(workdir, "export")):
+        consumers = read_metadata(os.path.join(workdir, "export"))["parity"]
+        parity = {k: v["status"] for k, v in consumers["consumers"].items()}
 
     print(
         "WHEEL_SMOKE "
@@ -49,6 +58,7 @@ def main(workdir: str) -> None:
                 "revisit_tf": revisit_tf.__file__,
                 "gin_dir": resources.gin_dir(),
                 "codes": codes,
+                "parity": parity,
                 "rows": [
                     {k: r.get(k) for k in ("endpoint", "protocol", "test_top1")}
                     for r in rows
