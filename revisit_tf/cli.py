@@ -144,11 +144,6 @@ def _drop_gin_path_probes(record: logging.LogRecord) -> bool:
     return not record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
 
 
-def _is_remote(path: str) -> bool:
-    """Whether ``path`` is a tf.io.gfile URL (``gs://``, ``ram://``), not a file."""
-    return "://" in path and not path.startswith("file://")
-
-
 class _RemoteLogHandler(logging.FileHandler):
     """Logs to a local file and copies it to a remote workdir's log.
 
@@ -200,7 +195,7 @@ def _setup_logging(workdir: str, name: str, level: str = "INFO") -> None:
     root.setLevel(level)
     _close_log_handlers()
     log_path = os.path.join(workdir, f"{name}.log")
-    if _is_remote(workdir):
+    if files.is_remote(workdir):
         file_handler = _RemoteLogHandler(log_path)
         if tf.io.gfile.exists(log_path):  # keep what earlier runs logged
             tf.io.gfile.copy(log_path, file_handler.baseFilename, overwrite=True)
@@ -243,20 +238,13 @@ def _worker_suffix() -> str:
     return f"-{kind}{index}"
 
 
-def _gfile():
-    """``tf.io.gfile``: every workdir file goes through it (gs://, ram://)."""
-    import tensorflow as tf  # already imported by experiments
-
-    return tf.io.gfile
-
-
 def _local_copy(path: str) -> str:
     """``path`` itself if local, else a local copy (gin reads local files only)."""
-    if not _is_remote(path):
+    if not files.is_remote(path):
         return path
     fd, local = tempfile.mkstemp(prefix="revisit_tf-", suffix=".gin")
-    os.close(fd)
-    _gfile().copy(path, local, overwrite=True)
+    with os.fdopen(fd, "wb") as f:
+        f.write(files.read_bytes(path))
     return local
 
 
@@ -277,7 +265,7 @@ def parse_gin(
     paths = list(gin_files)
     if not paths and workdir is not None:
         saved = os.path.join(workdir, CONFIG_NAME)
-        if not _gfile().exists(saved):
+        if not files.exists(saved):
             raise FileNotFoundError(
                 f"No --gin_file given and no {saved!r}: pass the gin file(s) of "
                 "the run (e.g. --gin_file=demo/fashion_mnist_rotation.gin)."
@@ -368,9 +356,8 @@ def _config_recorder(workdir: str, *, force: bool) -> Callable[[], None]:
     path = os.path.join(workdir, CONFIG_NAME)
     text = "import revisit_tf.configurables\n\n" + gin.config_str()
     old = None
-    if _gfile().exists(path):
-        with _gfile().GFile(path, "rb") as f:
-            old = f.read().decode("utf-8", errors="replace")
+    if files.exists(path):
+        old = files.read_bytes(path).decode("utf-8", errors="replace")
     if old == text:
         return lambda: None
     if old is not None and not force:
