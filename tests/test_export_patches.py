@@ -94,3 +94,74 @@ def test_patch_signature_takes_patches_in_unit_range(patch_export):
         "serving_default",
     ]
     assert meta["input"]["shape"] == [None, 24, 24, 1]
+
+
+# Every shipped patch-task config (Jigsaw, RPL): the demo's and ImageNet's.
+PATCH_CONFIGS = [
+    "demo/fashion_mnist_jigsaw.gin",
+    "demo/fashion_mnist_rel_patch_location.gin",
+    "imagenet/jigsaw.gin",
+    "imagenet/rel_patch_location.gin",
+]
+
+
+def _before_standardize(pipeline: str) -> str:
+    """The part of ``a|b|standardize|c`` that runs before ``standardize``."""
+    ops = pipeline.split("|")
+    assert "standardize" in ops, pipeline
+    return "|".join(ops[: ops.index("standardize")]) or "value_range(0, 255, 0, 255)"
+
+
+@pytest.mark.parametrize("config", PATCH_CONFIGS)
+def test_patch_export_standardises_the_units_training_did(config):
+    """Training standardises 0..255 values (decode gives uint8); the export
+    receives [0, 1] images. The two must reach ``standardize`` in the same
+    units, or its floor 1/sqrt(n) acts differently (issue 14, item 5)."""
+    import gin
+    from revisit_tf import cli
+
+    cli.parse_gin([config], [])
+    pp_train = gin.query_parameter("pretrain.pp_train")
+    pp_export = gin.query_parameter("export_model.pp_export")
+    pp_patches = gin.query_parameter("export_model.pp_export_patches")
+    side = 40 if config.startswith("demo/") else 300
+    # A white image: whatever the crops, every value entering standardize is
+    # the units' maximum.
+    white_u8 = tf.fill([side, side, 1], tf.constant(255, tf.uint8))
+    train_in = get_preprocess_fn(_before_standardize(pp_train.replace("decode|", "")))
+    export_in = get_preprocess_fn(_before_standardize(pp_export))
+    patches_in = get_preprocess_fn(_before_standardize(pp_patches))
+    train_max = float(tf.reduce_max(train_in({"image": white_u8})["image"]))
+    export_max = float(
+        tf.reduce_max(export_in({"image": tf.ones([side, side, 1])})["image"])
+    )
+    patches_max = float(
+        tf.reduce_max(patches_in({"image": tf.ones([1, 9, 8, 8, 1])})["image"])
+    )
+    assert train_max == pytest.approx(255.0)
+    assert export_max == pytest.approx(train_max), pp_export
+    assert patches_max == pytest.approx(train_max), pp_patches
+    gin.clear_config()
+
+
+def test_low_contrast_patch_is_standardised_as_in_training():
+    """Patches of values 100 or 101 (std ~0.5): in training's 0..255 units
+    the std is above standardize's floor 1/sqrt(64) = 0.125, so the patch
+    comes out with std 1; in [0, 1] units the std is 0.5/255, below the
+    floor, and the old export gave std 0.5/255/0.125 = 0.016."""
+    rng = np.random.default_rng(0)
+    image_u8 = (100 + rng.integers(0, 2, [24, 24, 1])).astype(np.uint8)
+    train = get_preprocess_fn("crop_patches(3, 0, random=False)|standardize")
+    export = get_preprocess_fn(
+        "value_range(0, 255, 0, 1)|crop_patches(3, 0, random=False)|standardize"
+    )
+    old = get_preprocess_fn("crop_patches(3, 0, random=False)|standardize")
+    want = train({"image": tf.cast(image_u8, tf.float32)})["image"].numpy()
+    got = export({"image": tf.constant(image_u8 / 255.0, tf.float32)})["image"].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_allclose(want.std(axis=(1, 2, 3)), 1.0, atol=1e-5)
+    before = old({"image": tf.constant(image_u8 / 255.0, tf.float32)})["image"].numpy()
+    raw_std = (image_u8 / 255.0).reshape(3, 8, 3, 8).transpose(0, 2, 1, 3)
+    raw_std = raw_std.reshape(9, 64).std(axis=1)
+    np.testing.assert_allclose(before.std(axis=(1, 2, 3)), raw_std / 0.125, rtol=1e-3)
+    assert before.std(axis=(1, 2, 3)).max() < 0.02  # the bug this guards against
