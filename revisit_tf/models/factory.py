@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import keras
 
 from revisit_tf.models import resnet, revnet, vgg
+from revisit_tf.pp import groups as groups_lib
 
 _logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def build_trunk(
     last_relu: bool = True,
     weight_decay: float = 1e-4,
     sync_batchnorm: bool = False,
+    ghost_group_size: int | None = None,
     data_format: str = "channels_last",
     dtype_policy: str | None = None,
     memory_saving: bool = False,
@@ -86,6 +88,11 @@ def build_trunk(
         last_relu: False gives the paper's "(-)" variants (v2, RevNet).
         weight_decay: original weight decay (``L2(wd / 2)`` on kernels).
         sync_batchnorm: batch statistics all-reduced across replicas.
+        ghost_group_size: None (default: statistics over the per-replica
+            batch) or ``G``: every batch norm computes its training
+            statistics per group of ``G`` consecutive rows (trunk inputs), as
+            the original's per-TPU-core batch norm on ``G`` rows per core
+            (reference 7.3, 7.4; ``pp.groups``). Excludes ``sync_batchnorm``.
         data_format: ``channels_last`` or ``channels_first`` (the layout used
             inside the trunk; inputs and endpoints stay NHWC).
         dtype_policy: None (float32), ``mixed_float16`` or ``mixed_bfloat16``;
@@ -106,6 +113,12 @@ def build_trunk(
             f"{ARCHITECTURES}.{_suggest(architecture)}"
         )
     builder, fixed = _ARCHITECTURES[architecture]
+    if ghost_group_size is not None and sync_batchnorm:
+        raise ValueError(
+            f"ghost_group_size={ghost_group_size!r} (batch statistics per group of "
+            "rows within a replica) and sync_batchnorm=True (over all replicas) "
+            "exclude each other."
+        )
     if patch_variant:
         if stem_stride is not None or strides is not None:
             raise ValueError(
@@ -123,6 +136,7 @@ def build_trunk(
         "last_relu": last_relu,
         "weight_decay": weight_decay,
         "sync_batchnorm": sync_batchnorm,
+        "ghost_group_size": groups_lib.check_ghost_group_size(ghost_group_size),
         "data_format": data_format,
         "dtype_policy": dtype_policy,
         "memory_saving": memory_saving,

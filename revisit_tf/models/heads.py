@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from revisit_tf.models import layers
+from revisit_tf.pp import groups as groups_lib
 from revisit_tf.pp import ops_patches
 from revisit_tf.pp import permutations as permutations_lib
 
@@ -177,6 +178,7 @@ def build_patch_head(
     weight_decay: float = HEAD_WEIGHT_DECAY,
     bn_momentum: float = HEAD_BN_MOMENTUM,
     bn_epsilon: float = HEAD_BN_EPSILON,
+    bn_ghost_group_size: int | None = None,
     name: str = "patch_head",
 ) -> keras.Model:
     """The Jigsaw/RPL head of reference 4.3 (and 4.4).
@@ -194,6 +196,9 @@ def build_patch_head(
         dropout: drop rate (the original's keep probability 0.5).
         weight_decay: the head's own decay (5e-4).
         bn_momentum, bn_epsilon: the head's BN constants.
+        bn_ghost_group_size: None, or the BN's training statistics per group
+            of that many consecutive head rows (``layers.BatchNormalization``
+            ghost groups; :func:`patch_head` derives it from the trunk's).
         name: model name.
 
     Returns:
@@ -223,9 +228,18 @@ def build_patch_head(
         kernel_regularizer=regularizer,
         name="fc7",
     )(x)
-    x = keras.layers.BatchNormalization(
-        momentum=bn_momentum, epsilon=bn_epsilon, name="fc7_bn"
-    )(x)
+    if bn_ghost_group_size is None:
+        bn = keras.layers.BatchNormalization(
+            momentum=bn_momentum, epsilon=bn_epsilon, name="fc7_bn"
+        )
+    else:  # the same variables, statistics per group of head rows
+        bn = layers.BatchNormalization(
+            momentum=bn_momentum,
+            epsilon=bn_epsilon,
+            ghost_group_size=bn_ghost_group_size,
+            name="fc7_bn",
+        )
+    x = bn(x)
     x = keras.layers.ReLU(name="fc7_relu")(x)
     x = keras.layers.Dropout(dropout, name="fc7_dropout")(x)
     x = keras.layers.Dense(
@@ -264,6 +278,7 @@ def patch_head(
     layout: str = "interleaved",
     label_key: str = "label",
     record_as: str | None = None,
+    ghost_group_size: int | None = None,
 ) -> dict[str, Any]:
     """Per-patch embeddings -> :class:`PatchCombine` -> :func:`build_patch_head`.
 
@@ -278,6 +293,10 @@ def patch_head(
         layout: concatenation layout (:class:`PatchCombine`).
         label_key: batch key of the table indices.
         record_as: see :class:`PatchCombine`.
+        ghost_group_size: None, or ``G`` trunk rows (patches) per ghost group
+            (``pp.groups``): the head's BN then computes its statistics over
+            the head rows of the same ``G / P`` images, ``G / P * m`` rows
+            (original, 8 cores: 144 patches = 16 images -> 128 head rows).
 
     Returns:
         ``{"logits": [B * m, num_classes], "patch_embedding": [B * P, D]}``.
@@ -294,6 +313,22 @@ def patch_head(
             f"(jigsaw_perms / rel_patch_pairs); batch keys {sorted(inputs)}."
         )
     embedding = endpoints.get("logits", endpoints["pre_logits"])
+    head_group_size = None
+    if groups_lib.check_ghost_group_size(ghost_group_size) is not None:
+        num_patches = image_shape[1]
+        labels_per_image = inputs[label_key].shape[1]
+        if num_patches is None or labels_per_image is None:
+            raise ValueError(
+                "Ghost groups in a patch head need static patch and label counts; "
+                f"got image {list(image_shape)}, {label_key!r} "
+                f"{list(inputs[label_key].shape)}."
+            )
+        if ghost_group_size % num_patches:
+            raise ValueError(
+                f"ghost_group_size={ghost_group_size} is not a multiple of the "
+                f"{num_patches} patches per image: a group must hold whole images."
+            )
+        head_group_size = ghost_group_size // num_patches * labels_per_image
     combine = PatchCombine(
         table=np.asarray(table),
         num_patches=image_shape[1],
@@ -308,6 +343,7 @@ def patch_head(
         hidden=hidden,
         dropout=dropout,
         weight_decay=weight_decay,
+        bn_ghost_group_size=head_group_size,
     )
     return {"logits": head(combined), "patch_embedding": embedding}
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from revisit_tf.pp import groups as groups_lib
+
 # Reference section 5, "Common building blocks": TF1 layer defaults.
 BN_MOMENTUM = 0.99
 BN_EPSILON = 1e-3
@@ -135,11 +137,54 @@ class BatchNormalization(keras.layers.BatchNormalization):
     NCHW, inference, masks) is Keras' own code, and the variables, config and
     checkpoints are those of the Keras layer. ``revisit-benchmark trunks``
     measures the effect.
+
+    Ghost batch norm (``ghost_group_size=G``, default None = off): in
+    training the batch ``[N, ...]`` is cut into ``N / G`` groups of ``G``
+    consecutive rows and each group is normalised with its own statistics,
+    exactly as ``N / G`` replicas with unsynchronised batch norm would
+    (``pp.groups``; the original's per-TPU-core statistics, reference 7.3).
+    The moving statistics are updated once per step with the *first* group's
+    statistics: under a ``MirroredStrategy`` each replica updates its own copy
+    of the (``aggregation="none"``) moving statistics with its own batch and
+    checkpoints save replica 0's copy, as the original's TPU cores updated
+    theirs and the checkpoint held core 0's. (tf-keras' ``virtual_batch_size``
+    averages the groups' statistics instead; that differs from either
+    multi-device run by sampling noise only.) Inference is unchanged. ``G``
+    must divide ``N`` (a clear ``ValueError`` for a static ``N``, a runtime
+    check otherwise); ``G = N`` is today's computation exactly. Ghost groups
+    and ``synchronized=True`` exclude each other.
+
+    Example:
+
+        bn = BatchNormalization(axis=-1, ghost_group_size=32)
+        y = bn(x, training=True)  # x [256, H, W, C]: 8 groups of 32 rows
     """
+
+    def __init__(self, *args, ghost_group_size: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ghost_group_size = groups_lib.check_ghost_group_size(ghost_group_size)
+        if self.ghost_group_size is not None and self.synchronized:
+            raise ValueError(
+                f"BatchNormalization {self.name!r}: ghost_group_size="
+                f"{self.ghost_group_size} (statistics per group of rows within a "
+                "replica) and synchronized=True (statistics over all replicas) "
+                "exclude each other; set one of them."
+            )
+
+    def get_config(self):
+        config = super().get_config()
+        if self.ghost_group_size is not None:  # absent when off: configs unchanged
+            config["ghost_group_size"] = self.ghost_group_size
+        return config
 
     def call(self, inputs, training=None, mask=None):
         if training and self.trainable and mask is None and not self.renorm:
             return self.normalize_in_training(inputs)
+        if training and self.trainable and self.ghost_group_size is not None:
+            raise ValueError(
+                f"BatchNormalization {self.name!r}: ghost groups support neither "
+                "masks nor renorm."
+            )
         return super().call(inputs, training=training, mask=mask)
 
     def normalize_in_training(self, inputs, update_statistics: bool = True):
@@ -156,6 +201,23 @@ class BatchNormalization(keras.layers.BatchNormalization):
             The normalised, scaled and shifted ``inputs`` in the layer's
             compute dtype.
         """
+        if self.ghost_group_size is None:
+            y, mean, variance = self._normalize_batch(inputs)
+        else:
+            y, mean, variance = self._normalize_ghost_groups(inputs)
+        if update_statistics:
+            m = self.momentum
+            self.moving_mean.assign(
+                keras.ops.cast(self.moving_mean, mean.dtype) * m + mean * (1.0 - m)
+            )
+            self.moving_variance.assign(
+                keras.ops.cast(self.moving_variance, variance.dtype) * m
+                + variance * (1.0 - m)
+            )
+        return keras.ops.cast(y, self.compute_dtype)
+
+    def _normalize_batch(self, inputs):
+        """``(y, mean, biased variance)`` of one batch (or group) ``[n, ...]``."""
         if self._can_fuse(inputs, None):
             x = inputs
             if x.dtype not in (tf.float16, tf.bfloat16, tf.float32):
@@ -187,16 +249,57 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 scale=keras.ops.cast(self.gamma, x.dtype),
                 epsilon=self.epsilon,
             )
-        if update_statistics:
-            m = self.momentum
-            self.moving_mean.assign(
-                keras.ops.cast(self.moving_mean, mean.dtype) * m + mean * (1.0 - m)
+        return y, mean, variance
+
+    def _normalize_ghost_groups(self, inputs):
+        """``_normalize_batch`` per group of ``G`` rows; the first group's statistics.
+
+        ``inputs [N, ...]`` -> ``[N / G, G, ...]``; ``tf.map_fn`` runs the
+        same kernel on every group as a replica would run on its batch (so
+        the values equal the per-replica run's), and works for a dynamic
+        ``N`` (the export's training-mode trace).
+        """
+        g = self.ghost_group_size
+        inputs = tf.convert_to_tensor(inputs)
+        rows = inputs.shape[0]
+        checks = []
+        if rows is not None:
+            groups_lib.check_groups(g, rows=rows, what=f"the input of {self.name!r}")
+            if rows == g:  # one group: the plain computation
+                return self._normalize_batch(inputs)
+        else:
+            checks.append(
+                tf.debugging.assert_equal(
+                    tf.math.floormod(tf.shape(inputs)[0], g),
+                    0,
+                    message=f"BatchNormalization {self.name!r}: ghost_group_size="
+                    f"{g} must divide the number of rows of the batch",
+                )
             )
-            self.moving_variance.assign(
-                keras.ops.cast(self.moving_variance, variance.dtype) * m
-                + variance * (1.0 - m)
-            )
-        return keras.ops.cast(y, self.compute_dtype)
+        with tf.control_dependencies(checks):
+            shape = tf.shape(inputs)
+            grouped = tf.reshape(inputs, tf.concat([[-1, g], shape[1:]], axis=0))
+        group_shape = [g, *inputs.shape[1:]]
+        grouped = tf.ensure_shape(grouped, [None, *group_shape])
+        if self._can_fuse(inputs, None):
+            y_dtype = inputs.dtype
+            if y_dtype not in (tf.float16, tf.bfloat16, tf.float32):
+                y_dtype = tf.float32
+            stat_dtype = tf.float32
+        else:
+            y_dtype = tf.as_dtype(keras.backend.result_type(inputs.dtype, "float32"))
+            stat_dtype = y_dtype
+        channels = [inputs.shape[self.axis]]
+        y, means, variances = tf.map_fn(
+            self._normalize_batch,
+            grouped,
+            fn_output_signature=(
+                tf.TensorSpec(group_shape, y_dtype),
+                tf.TensorSpec(channels, stat_dtype),
+                tf.TensorSpec(channels, stat_dtype),
+            ),
+        )
+        return tf.reshape(y, shape), means[0], variances[0]
 
     def _can_fuse(self, inputs, mask) -> bool:
         if (
@@ -218,6 +321,7 @@ def make_batchnorm(
     *,
     name: str,
     synchronized: bool = False,
+    ghost_group_size: int | None = None,
     data_format: str = DATA_FORMAT,
     dtype: str | None = None,
 ) -> keras.layers.Layer:
@@ -230,6 +334,10 @@ def make_batchnorm(
             replicas at each training step (Keras' ``synchronized=True``,
             TensorFlow backend). Outside a strategy it behaves like ordinary
             batch norm.
+        ghost_group_size: None (off) or ``G``: training statistics per group
+            of ``G`` consecutive rows of the batch (ghost batch norm, the
+            original's per-core statistics; see ``BatchNormalization`` and
+            ``pp.groups``).
         data_format: layout of the inputs (sets the channel axis).
         dtype: Keras dtype policy name (None: the global policy). The
             statistics are computed in float32 whatever the policy.
@@ -246,6 +354,7 @@ def make_batchnorm(
         center=True,
         scale=True,
         synchronized=synchronized,
+        ghost_group_size=ghost_group_size,
         dtype=check_dtype_policy(dtype),
         name=name,
     )

@@ -69,6 +69,7 @@ def apply_bottleneck_v1(
     name: str,
     weight_decay: float = 1e-4,
     sync_batchnorm: bool = False,
+    ghost_group_size: int | None = None,
     data_format: str = DATA_FORMAT,
     dtype: str | None = None,
 ) -> keras.KerasTensor:
@@ -93,6 +94,8 @@ def apply_bottleneck_v1(
         weight_decay: original weight-decay factor; every kernel gets
             ``L2(weight_decay / 2)`` (reference section 6).
         sync_batchnorm: use synchronized batch norm across replicas.
+        ghost_group_size: None, or training batch statistics per group of
+            that many consecutive rows (ghost batch norm, ``pp.groups``).
         data_format: layout of ``x`` (shapes here are written NHWC).
         dtype: Keras dtype policy name (None: float32).
 
@@ -111,6 +114,7 @@ def apply_bottleneck_v1(
         name,
         weight_decay=weight_decay,
         sync_batchnorm=sync_batchnorm,
+        ghost_group_size=ghost_group_size,
         data_format=data_format,
         dtype=dtype,
     )
@@ -143,6 +147,7 @@ def apply_bottleneck_v2(
     name: str,
     weight_decay: float = 1e-4,
     sync_batchnorm: bool = False,
+    ghost_group_size: int | None = None,
     data_format: str = DATA_FORMAT,
     dtype: str | None = None,
 ) -> keras.KerasTensor:
@@ -168,6 +173,8 @@ def apply_bottleneck_v2(
         weight_decay: original weight-decay factor; every kernel gets
             ``L2(weight_decay / 2)`` (reference section 6).
         sync_batchnorm: use synchronized batch norm across replicas.
+        ghost_group_size: None, or training batch statistics per group of
+            that many consecutive rows (ghost batch norm, ``pp.groups``).
         data_format: layout of ``x`` (shapes here are written NHWC).
         dtype: Keras dtype policy name (None: float32).
 
@@ -186,6 +193,7 @@ def apply_bottleneck_v2(
         name,
         weight_decay=weight_decay,
         sync_batchnorm=sync_batchnorm,
+        ghost_group_size=ghost_group_size,
         data_format=data_format,
         dtype=dtype,
     )
@@ -214,6 +222,7 @@ def _unit_layer_fns(
     *,
     weight_decay: float,
     sync_batchnorm: bool,
+    ghost_group_size: int | None = None,
     data_format: str,
     dtype: str | None,
 ) -> tuple[Callable[..., keras.KerasTensor], ...]:
@@ -227,6 +236,7 @@ def _unit_layer_fns(
         return make_batchnorm(
             name=f"{name}_{suffix}",
             synchronized=sync_batchnorm,
+            ghost_group_size=ghost_group_size,
             data_format=data_format,
             dtype=dtype,
         )(t)
@@ -320,6 +330,7 @@ def build_resnet(
     last_relu: bool = True,
     weight_decay: float = 1e-4,
     sync_batchnorm: bool = False,
+    ghost_group_size: int | None = None,
     data_format: str = DATA_FORMAT,
     dtype_policy: str | None = None,
     name: str | None = None,
@@ -369,6 +380,8 @@ def build_resnet(
         sync_batchnorm: use ``BatchNormalization(synchronized=True)``, which
             all-reduces batch statistics over the replicas of a
             ``tf.distribute`` strategy (TensorFlow backend).
+        ghost_group_size: None, or training batch statistics per group of
+            that many consecutive rows (ghost batch norm, ``pp.groups``).
         data_format: layout inside the trunk, ``"channels_last"`` (NHWC, best
             on CPUs/TPUs) or ``"channels_first"`` (NCHW, often faster on
             GPUs with cuDNN). The input and the returned feature maps are NHWC
@@ -426,6 +439,7 @@ def build_resnet(
         stride=stem_stride,
         weight_decay=weight_decay,
         sync_batchnorm=sync_batchnorm,
+        ghost_group_size=ghost_group_size,
         **layout,
     )
     # [N, ceil(H / 2s0), ceil(W / 2s0), 16k]
@@ -443,6 +457,7 @@ def build_resnet(
                 name=f"block{i}_unit{j}",
                 weight_decay=weight_decay,
                 sync_batchnorm=sync_batchnorm,
+                ghost_group_size=ghost_group_size,
                 **layout,
             )
         # [N, h_i, w_i, 64k * 2**(i-1)]
@@ -453,6 +468,7 @@ def build_resnet(
         version=version,
         last_relu=last_relu,
         sync_batchnorm=sync_batchnorm,
+        ghost_group_size=ghost_group_size,
         **layout,
     )
     endpoints.update(
@@ -512,6 +528,7 @@ def _apply_root(
     stride: int,
     weight_decay: float,
     sync_batchnorm: bool,
+    ghost_group_size: int | None = None,
     data_format: str,
     dtype: str,
 ) -> keras.KerasTensor:
@@ -535,6 +552,7 @@ def _apply_root(
         x = make_batchnorm(
             name="root_bn",
             synchronized=sync_batchnorm,
+            ghost_group_size=ghost_group_size,
             data_format=data_format,
             dtype=dtype,
         )(x)
@@ -552,6 +570,7 @@ def apply_head_norm(
     version: str,
     last_relu: bool,
     sync_batchnorm: bool,
+    ghost_group_size: int | None = None,
     data_format: str,
     dtype: str,
 ) -> keras.KerasTensor:
@@ -566,6 +585,7 @@ def apply_head_norm(
         x = make_batchnorm(
             name="post_bn",
             synchronized=sync_batchnorm,
+            ghost_group_size=ghost_group_size,
             data_format=data_format,
             dtype=dtype,
         )(x)

@@ -65,6 +65,7 @@ from revisit_tf.models.resnet import (
     apply_head_norm,
     pool_and_classify,
 )
+from revisit_tf.pp import groups as groups_lib
 
 # Reference 5.2: stem 64k (4x the ResNet stem), stages 64k .. 512k channels.
 _STEM_CHANNELS_PER_K = 64
@@ -92,6 +93,8 @@ class ReversibleUnit(keras.layers.Layer):
         channels: C, the input (= output) channel count, a multiple of 8.
         weight_decay: original weight decay (reference section 6).
         sync_batchnorm: batch statistics all-reduced across replicas.
+        ghost_group_size: None, or training batch statistics per group of
+            that many consecutive rows (ghost batch norm, ``pp.groups``).
         data_format: ``channels_last`` or ``channels_first``.
         **kwargs: ``keras.layers.Layer`` arguments (``name``, ``dtype``).
     """
@@ -102,6 +105,7 @@ class ReversibleUnit(keras.layers.Layer):
         *,
         weight_decay: float = 1e-4,
         sync_batchnorm: bool = False,
+        ghost_group_size: int | None = None,
         data_format: str = DATA_FORMAT,
         **kwargs,
     ):
@@ -114,6 +118,7 @@ class ReversibleUnit(keras.layers.Layer):
         self.channels = int(channels)
         self.weight_decay = checks.check_weight_decay(weight_decay)
         self.sync_batchnorm = bool(sync_batchnorm)
+        self.ghost_group_size = groups_lib.check_ghost_group_size(ghost_group_size)
         self.data_format = check_data_format(data_format)
         self._axis = channel_axis(self.data_format)
         half, inner = self.channels // 2, self.channels // _INNER_DIVISOR
@@ -123,6 +128,7 @@ class ReversibleUnit(keras.layers.Layer):
             return make_batchnorm(
                 name=name,
                 synchronized=self.sync_batchnorm,
+                ghost_group_size=self.ghost_group_size,
                 data_format=self.data_format,
                 dtype=policy,
             )
@@ -221,6 +227,8 @@ class ReversibleUnit(keras.layers.Layer):
             sync_batchnorm=self.sync_batchnorm,
             data_format=self.data_format,
         )
+        if self.ghost_group_size is not None:
+            config["ghost_group_size"] = self.ghost_group_size
         return config
 
 
@@ -245,6 +253,8 @@ class ReversibleStage(keras.layers.Layer):
         num_units: units in the stage (RevNet50: 3, 4, 6, 3).
         weight_decay: original weight decay (reference section 6).
         sync_batchnorm: batch statistics all-reduced across replicas.
+        ghost_group_size: None, or training batch statistics per group of
+            that many consecutive rows (ghost batch norm, ``pp.groups``).
         memory_saving: see above; no effect on inference or on the values.
         data_format: ``channels_last`` or ``channels_first``.
         **kwargs: ``keras.layers.Layer`` arguments (``name``, ``dtype``).
@@ -257,6 +267,7 @@ class ReversibleStage(keras.layers.Layer):
         *,
         weight_decay: float = 1e-4,
         sync_batchnorm: bool = False,
+        ghost_group_size: int | None = None,
         memory_saving: bool = False,
         data_format: str = DATA_FORMAT,
         **kwargs,
@@ -266,6 +277,7 @@ class ReversibleStage(keras.layers.Layer):
         self.num_units = checks.check_positive_int(num_units, "num_units")
         self.weight_decay = checks.check_weight_decay(weight_decay)
         self.sync_batchnorm = bool(sync_batchnorm)
+        self.ghost_group_size = groups_lib.check_ghost_group_size(ghost_group_size)
         self.memory_saving = bool(memory_saving)
         self.data_format = check_data_format(data_format)
         self.units = [
@@ -273,6 +285,7 @@ class ReversibleStage(keras.layers.Layer):
                 channels,
                 weight_decay=self.weight_decay,
                 sync_batchnorm=self.sync_batchnorm,
+                ghost_group_size=self.ghost_group_size,
                 data_format=self.data_format,
                 dtype=self.dtype_policy.name,
                 name=f"unit{j}",
@@ -360,6 +373,8 @@ class ReversibleStage(keras.layers.Layer):
             memory_saving=self.memory_saving,
             data_format=self.data_format,
         )
+        if self.ghost_group_size is not None:
+            config["ghost_group_size"] = self.ghost_group_size
         return config
 
 
@@ -416,6 +431,7 @@ def build_revnet(
     last_relu: bool = True,
     weight_decay: float = 1e-4,
     sync_batchnorm: bool = False,
+    ghost_group_size: int | None = None,
     memory_saving: bool = False,
     data_format: str = DATA_FORMAT,
     dtype_policy: str | None = None,
@@ -444,6 +460,8 @@ def build_revnet(
         weight_decay: ``L2(weight_decay / 2)`` on every kernel except the stem
             (reference 5.2, 6).
         sync_batchnorm: batch statistics all-reduced across replicas.
+        ghost_group_size: None, or training batch statistics per group of
+            that many consecutive rows (ghost batch norm, ``pp.groups``).
         memory_saving: recompute each unit's ``F`` in the backward pass
             instead of storing its activations (same gradients, less memory).
         data_format: layout inside the trunk (inputs/endpoints stay NHWC).
@@ -511,6 +529,7 @@ def build_revnet(
             num_units,
             weight_decay=weight_decay,
             sync_batchnorm=sync_batchnorm,
+            ghost_group_size=ghost_group_size,
             memory_saving=memory_saving,
             data_format=data_format,
             dtype=dtype,
@@ -519,7 +538,12 @@ def build_revnet(
         endpoints[f"block{i}"] = as_endpoint(x, name=f"block{i}", **layout)
 
     x = apply_head_norm(
-        x, version="v2", last_relu=last_relu, sync_batchnorm=sync_batchnorm, **layout
+        x,
+        version="v2",
+        last_relu=last_relu,
+        sync_batchnorm=sync_batchnorm,
+        ghost_group_size=ghost_group_size,
+        **layout,
     )
     endpoints.update(
         pool_and_classify(

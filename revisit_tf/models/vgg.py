@@ -68,6 +68,7 @@ def build_vgg19(
     input_shape: Sequence[int | None] = (224, 224, 3),
     weight_decay: float = 1e-4,
     sync_batchnorm: bool = False,
+    ghost_group_size: int | None = None,
     pool_padding: str = "same",
     data_format: str = DATA_FORMAT,
     dtype_policy: str | None = None,
@@ -85,6 +86,8 @@ def build_vgg19(
             function's own default is 5e-4, but its factory always passes the
             flag value 1e-4 (reference 5.3), which is the default here.
         sync_batchnorm: batch statistics all-reduced across replicas.
+        ghost_group_size: None, or training batch statistics per group of
+            that many consecutive rows (ghost batch norm, ``pp.groups``).
         pool_padding: ``"same"`` (default) or ``"valid"`` (see the module
             docstring; identical for sizes divisible by 32).
         data_format: layout inside the trunk (inputs/endpoints stay NHWC).
@@ -128,7 +131,12 @@ def build_vgg19(
             dtype=dtype,
             name=f"{name}_conv",
         )(x)
-        x = make_batchnorm(name=f"{name}_bn", synchronized=sync_batchnorm, **layout)(x)
+        x = make_batchnorm(
+            name=f"{name}_bn",
+            synchronized=sync_batchnorm,
+            ghost_group_size=ghost_group_size,
+            **layout,
+        )(x)
         return keras.layers.ReLU(dtype=dtype, name=f"{name}_relu")(x)
 
     inputs = keras.Input(shape=input_shape, name="image")  # [N, H, W, C]
