@@ -13,6 +13,7 @@ import gin
 from revisit_tf import experiments, resources
 from revisit_tf.models import factory, heads, pretext
 from revisit_tf.pp import permutations
+from revisit_tf.probe import online
 from revisit_tf.study import spec as study_spec
 from revisit_tf.train import contrastive, losses, optim, reconstruction, triplet
 
@@ -65,6 +66,13 @@ for _fn in (
 ):
     gin.register(_fn, module="revisit_tf.train")
 # --- probes ---
+# Online evaluation during pretraining (pretrain.online_eval_fn, probe/online.gin).
+gin.external_configurable(
+    online.OnlineEvaluator,
+    name="online_evaluator",
+    module="revisit_tf.probe",
+    denylist=["write_row", "done_steps"],  # pretrain passes them
+)
 
 
 def gin_search_paths() -> list[str]:

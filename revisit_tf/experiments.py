@@ -37,6 +37,7 @@ from revisit_tf import progress as progress_lib
 from revisit_tf.export import keras_trunk as keras_trunk_lib
 from revisit_tf.export import saved_model as export_lib
 from revisit_tf.models import pretext as pretext_lib
+from revisit_tf.pp import groups as groups_lib
 from revisit_tf.probe import cache as cache_lib
 from revisit_tf.probe import features as features_lib
 from revisit_tf.probe import fingerprint as fingerprint_lib
@@ -85,6 +86,9 @@ def pretrain(
     seed: int | None = None,
     on_first_loop: Callable[[], None] | None = None,
     pp_train_batch: str = "",
+    ghost_group_size: int | None = None,
+    online_eval_every: int = 0,
+    online_eval_fn: Callable[..., loop_lib.Hook] | None = None,
 ) -> dict[str, float]:
     """Pretext (or supervised) training; checkpoints in ``workdir/checkpoints``.
 
@@ -125,6 +129,20 @@ def pretrain(
       pp_train_batch: pipeline applied to every per-replica *batch* after
         batching (e.g. ``"jigsaw_perms(100, 8)"``: one permutation subset per
         batch, reference 4.3); ``""`` for none.
+      ghost_group_size: None, or ``G`` rows (trunk inputs) per ghost group
+        (``pp.groups``): ``pp_train_batch`` runs on each group of ``G / K``
+        images separately and ``G`` is checked against the per-replica batch
+        before training. The trunk, heads and losses read the same ``G``
+        through their own arguments (gin: ``pretext/ghost_groups.gin``).
+      online_eval_every: every this many steps (and at the end), probe the
+        live trunk (kNN and L-BFGS on fixed labelled subsets,
+        ``probe.online``); rows go to ``workdir/online/results.jsonl``,
+        scalars to TensorBoard under ``online/``, and its cost to the
+        metrics (``online_seconds``, ``online_cost_fraction``); 0: off.
+      online_eval_fn: builds that evaluator (gin: ``@online_evaluator``,
+        bound by ``probe/online.gin``), called with ``every_steps``, the
+        training source, a row writer, the model name, the workdir and the
+        steps already recorded; None: ``probe.online.OnlineEvaluator``.
 
     Returns:
       The metrics of the last logged loop (loss, accuracy, examples/s, ...).
@@ -149,6 +167,8 @@ def pretrain(
         )
     pp_fn = pp_lib.get_preprocess_fn(pp_train)
     batch_pp_fn = pp_lib.get_preprocess_fn(pp_train_batch) if pp_train_batch else None
+    if batch_pp_fn is not None:  # one batch op per ghost group (pp.groups)
+        batch_pp_fn = groups_lib.per_group(batch_pp_fn, ghost_group_size)
     data_seed = _data_seed(workdir, seed, strategy_lib.is_chief(strategy_obj))
 
     def dataset_fn(
@@ -178,6 +198,16 @@ def pretrain(
             dataset, train_split, data_dir=data_dir, error=e, used_by=pp_train
         )
         raise
+    if ghost_group_size is not None:
+        num_groups = groups_lib.check_training_batch(
+            ghost_group_size,
+            example_image_shape=input_spec["image"].shape,
+            global_batch_size=global_batch_size,
+            num_replicas=strategy_obj.num_replicas_in_sync,
+        )
+        _logger.info(
+            "Ghost groups: %d per replica, %d rows each.", num_groups, ghost_group_size
+        )
 
     # Durations and schedule (reference 7.1, 7.2).
     per_epoch = optim.steps_per_epoch(num_train, global_batch_size)
@@ -272,6 +302,33 @@ def pretrain(
         _logger.info("Recorded %s.", record_path)
     metrics_path = os.path.join(workdir, TRAIN_METRICS_FILE)
     chief = strategy_lib.is_chief(strategy_obj)
+    # Online evaluation (probe.online), a loop hook: built on every worker
+    # (the loop stops its outer loops at the hook's steps on all of them) and
+    # called on the chief only. Its rows go to a file of their own, never the
+    # probe's results.jsonl, so offline tables never see them.
+    hooks = []
+    if online_eval_every:
+        from revisit_tf.probe import online as online_lib  # the one use
+
+        online_path = results_lib.online_results_path(workdir)
+        done = set()
+        if chief and files.exists(online_path):  # a resumed run's recorded steps
+            done = {
+                int(r["step"])
+                for r in results_lib.read_results([online_path])
+                if isinstance(r.get("step"), int)
+            }
+        evaluator = (online_eval_fn or online_lib.OnlineEvaluator)(
+            every_steps=online_eval_every,
+            training_dataset=dataset,
+            training_data_dir=data_dir,
+            write_row=lambda row: results_lib.append_result(online_path, row),
+            model_name=os.path.basename(os.path.normpath(workdir)),
+            workdir=files.absolute(workdir),
+            done_steps=done,
+        )
+        evaluator.check_model(model)
+        hooks.append(evaluator)
     try:
         metrics = loop_lib.train(
             model=model,
@@ -288,6 +345,7 @@ def pretrain(
             keep_checkpoints=keep_checkpoints,
             on_first_loop=on_first_loop,
             on_start=write_inputs,
+            hooks=hooks,
         )
     except loop_lib.PreemptedError as e:
         if chief:  # Marked incomplete: a rerun resumes and overwrites it.

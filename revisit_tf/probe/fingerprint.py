@@ -16,6 +16,12 @@ live, timings, and the result itself, since a column compares exactly those.
 Contract: ``protocol_fingerprint(mapping) -> 12 hex digits``, a SHA-256 of
 the canonical JSON (sorted keys, tuples as lists), so it changes when any
 input changes and not when key order or container types do.
+
+Online protocols (``probe/online.py``: probes of the live trunk during
+pretraining) carry ``ONLINE_KEY: True`` and a name starting with
+``ONLINE_PREFIX``; offline ones carry neither (``protocol_fingerprint``
+refuses a protocol that has one without the other). An online fingerprint
+therefore never equals an offline one, and ``is_online`` tells them apart.
 """
 
 from __future__ import annotations
@@ -38,6 +44,21 @@ REQUIRED_KEYS = (
     "seed",
     "version",
 )
+ONLINE_KEY = "online"  # True in online protocols and their rows
+ONLINE_PREFIX = "online_"  # online protocol names: "online_knn", "online_lbfgs"
+
+
+def is_online(record: Mapping[str, Any]) -> bool:
+    """True for an online protocol, or a result row of one (``ONLINE_KEY``).
+
+    Args:
+        record: a protocol mapping or a result row (its ``protocol_spec`` is
+            looked at too).
+    """
+    spec = record.get("protocol_spec")
+    return record.get(ONLINE_KEY) is True or (
+        isinstance(spec, Mapping) and spec.get(ONLINE_KEY) is True
+    )
 
 
 def protocol_fingerprint(protocol: Mapping[str, Any]) -> str:
@@ -51,8 +72,8 @@ def protocol_fingerprint(protocol: Mapping[str, Any]) -> str:
         The fingerprint, e.g. ``"3f2a9c01be47"``.
 
     Raises:
-        ValueError: a required key is missing or a value is not
-            JSON-representable.
+        ValueError: a required key is missing, a value is not
+            JSON-representable, or the name and ``ONLINE_KEY`` disagree.
     """
     if not isinstance(protocol, Mapping):
         raise ValueError(f"protocol must be a mapping; got {type(protocol).__name__}.")
@@ -60,6 +81,13 @@ def protocol_fingerprint(protocol: Mapping[str, Any]) -> str:
     if missing:
         raise ValueError(
             f"protocol lacks {missing}; a fingerprint must cover {list(REQUIRED_KEYS)}."
+        )
+    named_online = str(protocol["protocol"]).startswith(ONLINE_PREFIX)
+    if named_online != (protocol.get(ONLINE_KEY) is True):
+        raise ValueError(
+            f"protocol {protocol['protocol']!r} has {ONLINE_KEY}="
+            f"{protocol.get(ONLINE_KEY)!r}: online protocols (and only they) are "
+            f"named {ONLINE_PREFIX}* and carry {ONLINE_KEY}=True."
         )
     return hashlib.sha256(canonical_json(protocol).encode()).hexdigest()[:12]
 

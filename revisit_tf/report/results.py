@@ -18,6 +18,13 @@ is truncated, with a warning), so a torn line is never followed by valid ones;
 ``read_results`` skips a torn last line with a warning and rejects any other
 malformed line, naming the file and the 1-based line number.
 
+Online rows. ``probe.online`` (kNN / L-BFGS probes of the live trunk during
+pretraining) appends its rows to ``<workdir>/online/results.jsonl``
+(``online_results_path``), a file of its own: ``read_results(<workdir>)``
+reads only the offline ``probe/results.jsonl``, so a workdir's report and the
+study's collected records never see online rows unless that file is named;
+when it is, ``tables.report_tables`` puts them in a table of their own.
+
 Remote files. A URL (``gs://``, ``ram://``: ``files.is_remote``) has no
 append, ``fsync`` or ``flock``: ``append_result`` reads the file, repairs a
 torn tail the same way, adds the line and writes the whole file back with
@@ -47,6 +54,7 @@ from typing import Any
 from revisit_tf import files
 
 RESULTS_RELPATH = os.path.join("probe", "results.jsonl")
+ONLINE_RESULTS_RELPATH = os.path.join("online", "results.jsonl")
 # Top-level fields that are numbers (or null) in every result row; keys ending
 # in top1/top5 are accuracies, also numbers (fractions in [0, 1]).
 NUMERIC_FIELDS = ("l2", "iterations", "n_train", "n_val", "n_test", "seconds")
@@ -58,6 +66,11 @@ _logger = logging.getLogger(__name__)
 def results_path(workdir: str | os.PathLike) -> str:
     """The probe results file of a workdir: ``<workdir>/probe/results.jsonl``."""
     return os.path.join(os.fspath(workdir), RESULTS_RELPATH)
+
+
+def online_results_path(workdir: str | os.PathLike) -> str:
+    """The online-evaluation rows of a training workdir (``online/results.jsonl``)."""
+    return os.path.join(os.fspath(workdir), ONLINE_RESULTS_RELPATH)
 
 
 def _to_json(value: Any, where: str) -> Any:

@@ -15,6 +15,11 @@ Formatting is driven by the column key, so every table prints numbers alike:
   * bools as ``yes``/``no``; a missing value or None as ``-`` (the paper's
     mark for "not reported").
 
+Online rows (``probe.online``: probes of the live trunk during pretraining,
+marked ``online: true`` and by their protocol) are never mixed with offline
+probe rows: ``report_tables`` splits the rows first, the offline tables get
+only offline rows and the online rows get ``online_table`` of their own.
+
 A value that is not a number (a string, a bool, a list) in a number column
 (accuracies, ``l2``, ``seconds``) is an error naming the row and the field,
 never a cell: ``"0.84"`` shown verbatim under ``test top-1 (%)`` would read
@@ -40,6 +45,9 @@ ENDPOINT_ORDER = (
 )
 
 _MISSING = "-"
+# probe.fingerprint.ONLINE_KEY (the report imports no TensorFlow, so not from
+# there; tests/test_online_eval.py checks they agree).
+ONLINE_KEY = "online"
 
 
 def _is_accuracy(key: str) -> bool:
@@ -453,22 +461,138 @@ def subset_table(rows: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-REPORT_KINDS = ("auto", "probe", "endpoints", "subsets")
+def is_online_row(row: Mapping[str, Any]) -> bool:
+    """True for a row of an online evaluation (``ONLINE_KEY``, in the row or
+    in its ``protocol_spec``): such rows never enter the offline tables."""
+    spec = row.get("protocol_spec")
+    return row.get(ONLINE_KEY) is True or (
+        isinstance(spec, Mapping) and spec.get(ONLINE_KEY) is True
+    )
+
+
+def split_online(
+    rows: Sequence[Mapping[str, Any]],
+) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """``(offline rows, online rows)``, each in the given order."""
+    offline = [r for r in rows if not is_online_row(r)]
+    online = [r for r in rows if is_online_row(r)]
+    return offline, online
+
+
+_REQUIRED_ONLINE_KEYS = ("model", "endpoint", "protocol", "step", "top1")
+
+
+def online_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Online evaluation during pretraining: one line per (model, endpoint,
+    method, step), steps ascending, the newest row of a repeated key winning.
+
+    ``top-1`` is on the scored subset (``protocol_spec.splits.score``), not on
+    a test split: compare it across steps and runs of one protocol, never with
+    the offline probe's test top-1. Rows of several fingerprints get a
+    ``proto`` mark and a note, as in ``probe_table``.
+
+    Args:
+        rows: online rows (``is_online_row``), each with ``model``,
+            ``endpoint``, ``protocol``, ``step`` and ``top1``.
+
+    Raises:
+        ValueError: an offline row, a row that misses a required key, or a
+            malformed value.
+    """
+    for index, row in enumerate(rows):
+        if not is_online_row(row):
+            raise ValueError(
+                f"row {index} is not an online row; online_table takes only "
+                "rows of probe.online (see split_online)."
+            )
+        missing = [k for k in _REQUIRED_ONLINE_KEYS if row.get(k) is None]
+        if missing:
+            raise ValueError(f"online row {index} lacks {missing}. Row: {dict(row)!r}")
+
+    def key(row):
+        return (
+            str(row["model"]),
+            row.get("workdir"),
+            str(row["endpoint"]),
+            str(row["protocol"]),
+            int(row["step"]),
+            row.get("fingerprint"),
+        )
+
+    model_order: dict[str, int] = {}
+    for row in rows:
+        model_order.setdefault(str(row["model"]), len(model_order))
+    latest = _latest(rows, key)
+    latest.sort(
+        key=lambda r: (
+            model_order[str(r["model"])],
+            str(r.get("workdir")),
+            _endpoint_rank(str(r["endpoint"])),
+            str(r["protocol"]),
+            int(r["step"]),
+        )
+    )
+    protocols = _Protocols()
+    display = []
+    for row in latest:
+        out = dict(row)
+        out["method"] = str(row["protocol"]).removeprefix("online_")
+        out["proto"] = protocols.letter(row)
+        sizes = [row.get("n_fit"), row.get("n_score")]
+        out["n_sizes"] = "/".join(_MISSING if n is None else str(n) for n in sizes)
+        display.append(out)
+    columns = [("model", "model")]
+    names = [(r["model"], r["endpoint"], r["protocol"], r["step"]) for r in latest]
+    if len(set(names)) < len(names):
+        columns.append(("workdir", "workdir"))
+    columns += [("endpoint", "endpoint"), ("method", "method"), ("step", "step")]
+    if len(protocols.letters) > 1:
+        columns.append(("proto", "proto"))
+        protocols.mixed.append("the online table")
+    columns += [
+        ("top1", "online top-1 (%)"),
+        ("train_top1", "fit top-1 (%)"),
+        ("k", "k"),
+        ("l2", "l2"),
+        ("iterations", "iters"),
+        ("n_sizes", "n fit/score"),
+        ("seconds", "seconds"),
+    ]
+    return markdown_table(display, columns) + protocols.note()
+
+
+REPORT_KINDS = ("auto", "probe", "endpoints", "subsets", "online")
 
 
 def report_tables(rows: Sequence[Mapping[str, Any]], kind: str = "auto") -> str:
     """The report: ``probe_table`` and/or the per-endpoint / per-subset tables.
 
+    Online rows (``is_online_row``) never enter the offline tables: they are
+    split off first and shown only by ``online_table`` (``kind="online"``, or
+    under ``"auto"`` after the offline tables).
+
     Args:
-        rows: result rows.
+        rows: result rows (offline, online or both).
         kind: one of ``REPORT_KINDS``; ``"auto"`` prints the probe table and
-            each pivot that has more than one column.
+            each pivot that has more than one column, then the online table
+            if there are online rows.
 
     Raises:
         ValueError: unknown ``kind`` or bad rows.
     """
     if kind not in REPORT_KINDS:
         raise ValueError(f"kind must be one of {REPORT_KINDS}; got {kind!r}.")
+    rows, online = split_online(rows)
+    if kind == "online":
+        return online_table(online)
+    if kind == "auto" and online:
+        online_part = (
+            "Online evaluation during pretraining (top-1 (%) on the scored "
+            "subset; not comparable with the offline probe):\n\n" + online_table(online)
+        )
+        if not rows:
+            return online_part
+        return report_tables(rows, kind="auto") + "\n" + online_part
     if kind == "probe":
         return probe_table(rows)
     if kind == "endpoints":

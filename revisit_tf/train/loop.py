@@ -15,6 +15,12 @@ Structure (SimCLR tf2 / Model Garden, style guide 4.5):
   progress line (loss, the task's metrics, learning rate, examples/s, ETA),
   writes TensorBoard scalars and saves checkpoints every ``checkpoint_every``
   steps.
+* ``hooks`` (``Hook``: ``name``, ``every_steps``, ``__call__(step, model)``)
+  run on the chief between outer loops, outside the compiled step, at every
+  multiple of their ``every_steps`` and at the end (the loop stops its outer
+  loops there); the loop times them and writes what they return to
+  TensorBoard (online evaluation, ``probe.online``). Stage 4 knows nothing of
+  what a hook measures.
 * A run resumes from the newest checkpoint of its workdir and stops at exactly
   ``total_steps``. SIGTERM (preemption) makes it save a checkpoint at the end of
   the current outer loop and raise ``PreemptedError`` (exit code 75: rerun to
@@ -27,10 +33,12 @@ import collections
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import keras
 import tensorflow as tf
@@ -146,6 +154,155 @@ def uses_float16(model: keras.Model) -> bool:
     return any(visit(layer) for layer in model.layers)
 
 
+@runtime_checkable
+class Hook(Protocol):
+    """A periodic callback of the training loop (e.g. ``probe.online.OnlineEvaluator``).
+
+    Attributes:
+      name: names its TensorBoard scalars (``<name>/<key>``) and its cost in
+        the loop metrics (``<name>_seconds``, ``<name>_cost_fraction``).
+      every_steps: called at every step that is a multiple of this (>= 1),
+        and at ``total_steps``.
+
+    Called as ``hook(step, model)`` on the chief only, between outer loops
+    (never inside the compiled step), after the checkpoint of that step (if
+    any) is saved, with the TensorBoard writer of ``workdir/tensorboard`` as
+    the default one. ``model`` is the live pretext model; a hook must not
+    change its variables. It returns ``{key: float}`` scalars to log (or
+    None). An optional ``has_run(step) -> bool`` lets a resumed run call the
+    hook at the step it resumes at when that step is on the schedule and the
+    previous process did not get to it (it was preempted there).
+    """
+
+    name: str
+    every_steps: int
+
+    def __call__(self, step: int, model: keras.Model) -> Mapping[str, float] | None: ...
+
+
+def _check_hooks(hooks: Sequence[Hook]) -> tuple[Hook, ...]:
+    hooks = tuple(hooks)
+    names = set()
+    for hook in hooks:
+        every = getattr(hook, "every_steps", None)
+        name = getattr(hook, "name", None)
+        if (
+            not callable(hook)
+            or isinstance(every, bool)
+            or not isinstance(every, int)
+            or every < 1
+            or not isinstance(name, str)
+            or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name)
+        ):
+            raise ValueError(
+                "Each hook must be callable with an int every_steps >= 1 and a "
+                f"name of letters, digits, '_', '.', '-'; got {hook!r} "
+                f"(every_steps {every!r}, name {name!r})."
+            )
+        if name in names:
+            raise ValueError(f"Two hooks are named {name!r}.")
+        names.add(name)
+    return hooks
+
+
+class _HookRunner:
+    """Calls the hooks that are due, times them, logs their scalars.
+
+    Cost accounting: ``<name>_seconds`` is the time spent in the hook over the
+    whole run and ``<name>_cost_fraction`` that time over the loop's wall time
+    (training, logging, checkpoints and hooks), both carried across resumes
+    in the checkpoints' metrics. A hook that raises is logged with its
+    traceback and the run goes on (see ``train``: ``hooks``).
+    """
+
+    def __init__(self, hooks: tuple[Hook, ...], restored: Mapping[str, float]):
+        self.hooks = hooks
+        self.seconds = {
+            h.name: float(restored.get(f"{h.name}_seconds", 0.0)) for h in hooks
+        }
+        self.failures = {
+            h.name: int(restored.get(f"{h.name}_failures", 0)) for h in hooks
+        }
+        self.wall_before = float(restored.get("loop_seconds", 0.0))
+        self.t0 = time.perf_counter()
+
+    def next_stop(self, step: int) -> int | None:
+        """The next step after ``step`` at which some hook is due, or None."""
+        if not self.hooks:
+            return None
+        return min((step // h.every_steps + 1) * h.every_steps for h in self.hooks)
+
+    def run(
+        self,
+        step: int,
+        model: keras.Model,
+        *,
+        total_steps: int,
+        resumed: bool = False,
+    ) -> None:
+        for hook in self.hooks:
+            if resumed:
+                has_run = getattr(hook, "has_run", None)
+                due = (
+                    step > 0
+                    and step % hook.every_steps == 0
+                    and has_run is not None
+                    and not has_run(step)
+                )
+            else:
+                due = step % hook.every_steps == 0 or step >= total_steps
+            if not due:
+                continue
+            t0 = time.perf_counter()
+            try:
+                values = hook(step, model) or {}
+                values = {k: float(v) for k, v in dict(values).items()}
+            except Exception:
+                # Logged, not raised: a hook observes training, and on a
+                # multi-worker run only the chief calls it, so raising there
+                # would leave the other workers blocked in their next
+                # collective; the checkpoint of this step is already saved.
+                self.failures[hook.name] += 1
+                values = {}
+                _logger.exception(
+                    "Hook %r failed at step %d (failure %d); training goes on.",
+                    hook.name,
+                    step,
+                    self.failures[hook.name],
+                )
+            seconds = time.perf_counter() - t0
+            self.seconds[hook.name] += seconds
+            fraction = self.fraction(hook.name)
+            for key, value in values.items():
+                tf.summary.scalar(f"{hook.name}/{key}", value, step=step)
+            tf.summary.scalar(f"{hook.name}/seconds", seconds, step=step)
+            tf.summary.scalar(f"{hook.name}/cost_fraction", fraction, step=step)
+            _logger.info(
+                "Hook %r at step %d: %.1fs; %.1f%% of the run's time so far.",
+                hook.name,
+                step,
+                seconds,
+                100 * fraction,
+            )
+
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t0
+
+    def fraction(self, name: str) -> float:
+        return min(1.0, self.seconds[name] / max(self.wall_seconds(), 1e-9))
+
+    def metrics(self) -> dict[str, float]:
+        """The cost metrics (empty without hooks, so plain runs are unchanged)."""
+        if not self.hooks:
+            return {}
+        out: dict[str, float] = {"loop_seconds": self.wall_seconds()}
+        for hook in self.hooks:
+            out[f"{hook.name}_seconds"] = self.seconds[hook.name]
+            out[f"{hook.name}_cost_fraction"] = self.fraction(hook.name)
+            out[f"{hook.name}_failures"] = self.failures[hook.name]
+        return out
+
+
 class PreemptedError(Exception):
     """Training stopped early on SIGTERM, after saving a checkpoint.
 
@@ -225,6 +382,7 @@ def train(
     keep_checkpoints: int = 3,
     on_first_loop: Callable[[], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    hooks: Sequence[Hook] = (),
 ) -> dict[str, float]:
     """Trains ``model`` until the optimizer's step counter reaches ``total_steps``.
 
@@ -259,10 +417,23 @@ def train(
         step the run starts (or resumes) at, while the writer of
         ``workdir/tensorboard`` is the default one (``pretrain`` writes
         pictures of its inputs there, ``train.summaries``).
+      hooks: ``Hook`` objects called on the chief at every multiple of their
+        ``every_steps`` and at ``total_steps`` (outer loops stop there, on
+        every worker alike, so pass the same hooks to every worker), after
+        that step's checkpoint; not while stopping for SIGTERM. Their
+        scalars go to TensorBoard as ``<name>/<key>``, with
+        ``<name>/seconds`` (this call) and ``<name>/cost_fraction`` (the
+        hook's share of the run's wall time so far). A hook that raises is
+        logged with its traceback and counted in ``<name>_failures``, and
+        training goes on: it only observes, and raising on the chief alone
+        would leave other workers hanging in a collective.
 
     Returns:
       Metrics of the last outer loop: ``loss``, ``task_loss``, each
-      ``metric_fn`` key, ``learning_rate``, ``step``, ``examples_per_sec``.
+      ``metric_fn`` key, ``learning_rate``, ``step``, ``examples_per_sec``;
+      with hooks also ``loop_seconds`` (wall time of the loop over the run,
+      resumes included) and per hook ``<name>_seconds``,
+      ``<name>_cost_fraction`` (their ratio) and ``<name>_failures``.
       A run that finds nothing to train returns those saved with its newest
       checkpoint (empty for checkpoints written before they were saved).
 
@@ -280,6 +451,7 @@ def train(
         )
     if global_batch_size < 1:
         raise ValueError(f"global_batch_size must be >= 1; got {global_batch_size}.")
+    hooks = _check_hooks(hooks)
     chief = strategy_lib.is_chief(strategy)
     resolver = getattr(strategy, "cluster_resolver", None)
     with strategy.scope():
@@ -353,9 +525,14 @@ def train(
         global_batch_size // strategy.num_replicas_in_sync,
     )
     recent = collections.deque(maxlen=10)  # (steps, seconds) of recent loops
+    runner = _HookRunner(hooks, ckpt.restored_metrics)
     if on_start is not None and chief:
         with writer.as_default(step=step):
             on_start(step)
+        writer.flush()
+    if chief and hooks:  # the step this run resumes at, if a hook missed it
+        with writer.as_default(step=step):
+            runner.run(step, model, total_steps=total_steps, resumed=True)
         writer.flush()
     metrics: dict[str, float] = {}
     first_loop = True
@@ -363,6 +540,9 @@ def train(
         while step < total_steps:
             next_ckpt = (step // checkpoint_every + 1) * checkpoint_every
             num_steps = min(steps_per_loop, total_steps - step, next_ckpt - step)
+            next_hook = runner.next_stop(step)
+            if next_hook is not None:
+                num_steps = min(num_steps, next_hook - step)
             # Rate at the loop's first step (the schedule reads optimizer.iterations).
             lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
             if not math.isfinite(lr):
@@ -408,6 +588,7 @@ def train(
                 **task_metrics,
                 "learning_rate": lr,
                 "examples_per_sec": rate * global_batch_size,
+                **runner.metrics(),
             }
             _logger.info(
                 "step %d/%d  loss %.4f  %s%slr %.4g  %.0f examples/s  ETA %s",
@@ -442,5 +623,20 @@ def train(
                     total_steps=total_steps,
                     metrics=metrics,
                 )
+            if chief and hooks:
+                with writer.as_default(step=step):
+                    runner.run(step, model, total_steps=total_steps)
+                writer.flush()
+                metrics.update(runner.metrics())
+    if chief and hooks:
+        _logger.info(
+            "Hooks over the run: %s of %.1fs.",
+            ", ".join(
+                f"{h.name} {runner.seconds[h.name]:.1f}s "
+                f"({100 * runner.fraction(h.name):.1f}%)"
+                for h in hooks
+            ),
+            runner.wall_seconds(),
+        )
     writer.close()
     return metrics
