@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from revisit_tf.probe import cache as cache_lib
 from revisit_tf.probe import lbfgs, sharded
+from revisit_tf.probe import objective as objective_lib
 
 
 def _data(seed, n=700, d=12, c=4, spread=0.6):
@@ -61,9 +62,9 @@ def test_streamed_objective_equals_whole_batch(tmp_path, dtype, accumulate, rtol
     objective = sharded.ShardedObjective(
         source, num_classes=4, l2=0.05, dtype=dtype, accumulate_dtype=accumulate
     )
-    position = lbfgs._pack(params, accumulate.as_numpy_dtype)
+    position = objective_lib.pack(params, accumulate.as_numpy_dtype)
     s_value, s_grad = objective(tf.constant(position))
-    expected = lbfgs._pack(grad, np.float64)
+    expected = objective_lib.pack(grad, np.float64)
     assert float(s_value) == pytest.approx(value, rel=rtol)
     scale = np.max(np.abs(expected))
     np.testing.assert_allclose(s_grad.numpy(), expected, rtol=rtol, atol=rtol * scale)

@@ -20,7 +20,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from revisit_tf.probe import arrays, lbfgs
+from revisit_tf.probe import arrays, validation
 
 
 @functools.cache
@@ -96,11 +96,13 @@ def knn_predict(
     Raises:
         ValueError: malformed arrays, different D, or a bad ``k``.
     """
-    train_x = lbfgs._check_features(train_x, "train_x")
-    query_x = lbfgs._check_features(query_x, "query_x", num_features=train_x.shape[1])
-    num_classes = lbfgs._check_num_classes(num_classes)
-    train_y = lbfgs._check_labels(train_y, "train_y", len(train_x), num_classes)
-    num_classes = num_classes or lbfgs._infer_num_classes(train_y)
+    train_x = validation.check_features(train_x, "train_x")
+    query_x = validation.check_features(
+        query_x, "query_x", num_features=train_x.shape[1]
+    )
+    num_classes = validation.check_num_classes(num_classes)
+    train_y = validation.check_labels(train_y, "train_y", len(train_x), num_classes)
+    num_classes = num_classes or validation.infer_num_classes(train_y)
     return _vote_blocks(train_x, train_y, query_x, k, num_classes, block_size)
 
 
@@ -131,11 +133,13 @@ def knn_top1(
     Raises:
         ValueError: malformed arrays, different D, or a bad ``k``.
     """
-    train_x = lbfgs._check_features(train_x, "train_x")
-    query_x = lbfgs._check_features(query_x, "query_x", num_features=train_x.shape[1])
-    num_classes = lbfgs._check_num_classes(num_classes)
-    train_y = lbfgs._check_labels(train_y, "train_y", len(train_x), num_classes)
-    query_y = lbfgs._check_labels(query_y, "query_y", len(query_x), num_classes)
-    num_classes = num_classes or lbfgs._infer_num_classes(train_y, query_y)
+    train_x = validation.check_features(train_x, "train_x")
+    query_x = validation.check_features(
+        query_x, "query_x", num_features=train_x.shape[1]
+    )
+    num_classes = validation.check_num_classes(num_classes)
+    train_y = validation.check_labels(train_y, "train_y", len(train_x), num_classes)
+    query_y = validation.check_labels(query_y, "query_y", len(query_x), num_classes)
+    num_classes = num_classes or validation.infer_num_classes(train_y, query_y)
     pred = _vote_blocks(train_x, train_y, query_x, k, num_classes, block_size)
     return int(np.sum(pred == query_y)) / len(query_y)

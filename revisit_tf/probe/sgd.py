@@ -37,8 +37,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from revisit_tf.probe import arrays, lbfgs
-from revisit_tf.train import optim
+from revisit_tf import schedules
+from revisit_tf.probe import arrays, validation
 
 HEADS = ("linear", "mlp")
 _logger = logging.getLogger(__name__)
@@ -174,21 +174,23 @@ def train_sgd_probe(
     Raises:
         ValueError: on malformed features/labels or bad settings.
     """
-    x = lbfgs._check_features(train_x, "train_x")
-    num_classes = lbfgs._check_num_classes(num_classes)
-    y = lbfgs._check_labels(train_y, "train_y", x.shape[0], num_classes)
+    x = validation.check_features(train_x, "train_x")
+    num_classes = validation.check_num_classes(num_classes)
+    y = validation.check_labels(train_y, "train_y", x.shape[0], num_classes)
     _check_args(head, batch_size, epochs, decay_epochs, hidden, x.shape[0])
     evals = {}
     for name, (ex, ey) in eval_sets.items():
-        ex = lbfgs._check_features(ex, f"eval_sets[{name!r}]", num_features=x.shape[1])
+        ex = validation.check_features(
+            ex, f"eval_sets[{name!r}]", num_features=x.shape[1]
+        )
         evals[name] = (
             ex.astype(np.float32),
-            lbfgs._check_labels(ey, name, len(ex), num_classes),
+            validation.check_labels(ey, name, len(ex), num_classes),
         )
 
-    steps_per_epoch = optim.steps_per_epoch(len(y), batch_size)
+    steps_per_epoch = schedules.steps_per_epoch(len(y), batch_size)
     total_steps = math.ceil(epochs * steps_per_epoch)
-    schedule = optim.reference_schedule(
+    schedule = schedules.reference_schedule(
         lr=lr,
         total_steps=total_steps,
         global_batch_size=batch_size,

@@ -2,31 +2,29 @@
 
 Place in the data flow (stage 6): the same problem as ``probe/lbfgs.py`` (see
 its module docstring for ``J``, ``R`` and the gradient), for features that do
-not fit in memory or that are spread over several devices. ``J`` is a mean
-over examples, so it and its gradient are sums of per-shard terms:
-
-    N J(Theta)  = sum_s sum_{i in s} CE_i + N (l2 / 2) ||W||_F^2
-    N dJ/dTheta = sum_s X~_s^T (P_s - Y_s) + N l2 [W; 0]      [D+1, C]
-
-Each shard's sums are computed by one compiled function; under a
-``tf.distribute`` strategy the shards of a round go to the replicas (one each)
-and ``strategy.reduce(SUM)`` adds them, so the same probe runs on one CPU, N
-GPUs or a TPU. Shards are either resident (held once, placed on their replica)
-or streamed from a ``cache.CachedFeatures`` entry at every evaluation, reading
-the next shard while the current one is processed; then memory holds a few
-shards, never the ``[N, D]`` matrix: about 7 shard-sized buffers (the shard,
-its tensor, the standardized copy and temporaries, the next shard), so pick
-the cache's ``shard_bytes`` below an eighth of the memory to spare
-(``revisit-benchmark probe`` measures the peak).
+not fit in memory or that are spread over several devices. The solver is the
+whole-batch path's own driver (``solver.minimize``: logit line search,
+honest flags, optional eigen-preconditioner) run over shards through
+``shard_data.ShardData``: the per-shard logits stay resident, so an iteration
+costs two passes over the shards, like the whole-batch path. Shards are
+either resident (held once, standardized, placed on their replica) or
+streamed from a ``cache.CachedFeatures`` entry at every pass, reading the next
+shard while the current one is processed; then memory holds a few shards and
+the ``[N, C]`` logits, never the ``[N, D]`` matrix: about 7 shard-sized
+buffers, so pick the cache's ``shard_bytes`` below an eighth of the memory to
+spare (``revisit-benchmark probe`` measures the peak). Under a
+``tf.distribute`` strategy the shards of a round go to the replicas (one
+each) and ``strategy.reduce(SUM)`` adds them, so the same probe runs on one
+CPU, N GPUs or a TPU.
 
 Contract:
   * ``ShardSource``: ``[N, D]`` features and ``[N]`` labels as row shards
     (``from_arrays`` or ``from_cache``);
   * ``ShardedObjective(source, ...)(position)`` -> ``(J, dJ/dTheta)``, equal
     to ``lbfgs.objective_and_gradient`` up to summation order;
-  * ``fit_sharded`` / ``sweep_l2_sharded``: ``tfp.optimizer.lbfgs_minimize``
-    run eagerly on that objective; results are ``lbfgs.ProbeFit`` /
-    ``lbfgs.SweepResult`` like the whole-batch path;
+  * ``fit_sharded`` / ``sweep_l2_sharded``: results are ``lbfgs.ProbeFit`` /
+    ``lbfgs.SweepResult`` like the whole-batch path (``sweep.run_path``: the
+    same L2 path, edge extension and warnings);
   * ``top1`` / ``result_accuracy`` (fraction correct) and ``predict`` /
     ``result_predict`` (int32 ``[N]`` classes) score a source shard by shard.
 
@@ -53,9 +51,16 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from revisit_tf import progress as progress_lib
 from revisit_tf.probe import cache as cache_lib
-from revisit_tf.probe import lbfgs
+from revisit_tf.probe import (
+    lbfgs,
+    objective,
+    shard_data,
+    solver,
+    sweep,
+    validation,
+)
+from revisit_tf.probe import precondition as precondition_lib
 
 _logger = logging.getLogger(__name__)
 
@@ -110,8 +115,8 @@ class ShardSource:
             raise ValueError(
                 f"rows_per_shard must be an int >= 1; got {rows_per_shard!r}."
             )
-        x = lbfgs._check_features(features, "features")
-        y = lbfgs._check_labels(labels, "labels", x.shape[0], None)
+        x = validation.check_features(features, "features")
+        y = validation.check_labels(labels, "labels", x.shape[0], None)
         readers = [
             functools.partial(
                 lambda i: (x[i : i + rows_per_shard], y[i : i + rows_per_shard]), i
@@ -190,48 +195,13 @@ def fit_standardizer(
     return lbfgs.Standardizer(mean=mean, scale=np.where(std > min_scale, std, 1.0))
 
 
-@functools.cache
-def _compiled_partial(dtype: tf.DType, accumulate_dtype: tf.DType):
-    """Per-shard sums ``(sum_i CE_i, X~^T (P - Y))``, traced once per dtype pair.
-
-    Shapes: x ``[n, D]`` (dtype), y ``[n]`` int32, theta ``[D+1, C]``
-    (accumulate dtype), mean/scale ``[D]``. Returns a scalar and ``[D+1, C]``
-    in ``accumulate_dtype``. An empty shard gives zeros.
-    """
-
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None, None], dtype),
-            tf.TensorSpec([None], tf.int32),
-            tf.TensorSpec([None, None], accumulate_dtype),
-            tf.TensorSpec([None], dtype),
-            tf.TensorSpec([None], dtype),
-        ]
-    )
-    def partial(x, y, theta, mean, scale):
-        x = (x - mean) / scale  # standardize on the fly: [n, D]
-        theta = tf.cast(theta, dtype)
-        logits = tf.matmul(x, theta[:-1]) + theta[-1]  # Z: [n, C]
-        log_probs = tf.nn.log_softmax(logits)
-        nll = -tf.reduce_sum(tf.gather(log_probs, y[:, None], axis=1, batch_dims=1))
-        residual = tf.exp(log_probs) - tf.one_hot(y, tf.shape(theta)[1], dtype=dtype)
-        grad = tf.concat(
-            [
-                tf.matmul(x, residual, transpose_a=True),  # X^T (P - Y): [D, C]
-                tf.reduce_sum(residual, axis=0, keepdims=True),  # [1, C]
-            ],
-            axis=0,
-        )
-        return tf.cast(nll, accumulate_dtype), tf.cast(grad, accumulate_dtype)
-
-    return partial
-
-
 class ShardedObjective:
     """``J`` and ``dJ/dTheta`` summed over shards (and replicas); see module doc.
 
     Call it with the flat L-BFGS position ``[(D+1) C]`` (accumulate dtype);
-    it returns ``(J, gradient)`` in the same dtype.
+    it returns ``(J, gradient)`` in the same dtype. ``data`` is the
+    ``shard_data.ShardData`` the driver runs on; ``with_l2`` shares it (the
+    shards are placed and standardized once per path).
 
     Example:
         >>> obj = ShardedObjective(src, num_classes=10, l2=1e-4)
@@ -248,6 +218,7 @@ class ShardedObjective:
         accumulate_dtype: tf.DType = tf.float64,
         standardizer: lbfgs.Standardizer | None = None,
         strategy: tf.distribute.Strategy | None = None,
+        data: shard_data.ShardData | None = None,
     ):
         """Args:
         source: the shards.
@@ -257,113 +228,55 @@ class ShardedObjective:
         accumulate_dtype: dtype of the cross-shard sums and of the position.
         standardizer: applied to every shard on the fly (None: raw features).
         strategy: distribute shards over its replicas (None: no strategy).
+        data: an existing ``ShardData`` of ``source`` to share (then dtype,
+            standardizer and strategy are its own).
 
         Raises:
             ValueError: bad dtypes, l2, class count or standardizer size.
         """
-        self.dtype = lbfgs._check_dtype(dtype)
-        self.accumulate_dtype = lbfgs._check_dtype(accumulate_dtype)
-        self.l2 = lbfgs._check_l2(l2)
-        self.num_classes = lbfgs._check_num_classes(num_classes)
+        self.dtype = validation.check_dtype(dtype)
+        self.accumulate_dtype = validation.check_dtype(accumulate_dtype)
+        self.l2 = validation.check_l2(l2)
+        self.num_classes = validation.check_num_classes(num_classes)
         if self.num_classes is None:
             raise ValueError("num_classes is required for a sharded objective.")
         self.source, self.strategy = source, strategy
-        np_dtype = self.dtype.as_numpy_dtype
-        if standardizer is None:
-            mean, scale = np.zeros(source.dim), np.ones(source.dim)
-        else:
-            if standardizer.mean.shape != (source.dim,):
-                raise ValueError(
-                    f"standardizer has {standardizer.mean.shape[0]} features; the "
-                    f"source has {source.dim}."
-                )
-            mean, scale = standardizer.mean, standardizer.scale
-        self._mean = tf.constant(mean.astype(np_dtype))
-        self._scale = tf.constant(scale.astype(np_dtype))
-        self._partial = _compiled_partial(self.dtype, self.accumulate_dtype)
-        self.num_replicas = 1 if strategy is None else strategy.num_replicas_in_sync
+        self.data = data or shard_data.ShardData(
+            source,
+            num_classes=self.num_classes,
+            dtype=self.dtype,
+            accumulate_dtype=self.accumulate_dtype,
+            standardizer=standardizer,
+            strategy=strategy,
+        )
+        self.dtype, self.accumulate_dtype = self.data.compute_dtype, self.data.dtype
+        self.num_replicas = self.data.num_replicas
         self.evaluations = 0
-        self._resident = None
-        if not source.streamed:
-            self._resident = [self._place(g) for g in self._rounds()]
 
-    def _rounds(self) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
-        """Groups of ``num_replicas`` consecutive shards (the last padded empty)."""
-        group = []
-        for shard in self.source.iter_shards():
-            group.append(shard)
-            if len(group) == self.num_replicas:
-                yield group
-                group = []
-        if group:
-            empty = (np.zeros([0, self.source.dim]), np.zeros([0], np.int32))
-            yield group + [empty] * (self.num_replicas - len(group))
-
-    def _place(self, group):
-        """Tensors of one round, on the device of the replica that uses them."""
-        np_dtype = self.dtype.as_numpy_dtype
-
-        def tensors(index):
-            x, y = group[index]
-            return tf.constant(np.asarray(x, np_dtype)), tf.constant(y, tf.int32)
-
-        if self.strategy is None:
-            return tensors(0)
-        distribute = self.strategy.experimental_distribute_values_from_function
-        return tuple(
-            distribute(lambda ctx, k=k: tensors(ctx.replica_id_in_sync_group)[k])
-            for k in (0, 1)
+    def with_l2(self, l2: float) -> ShardedObjective:
+        """The same shards (shared ``data``) with another penalty."""
+        return ShardedObjective(
+            self.source,
+            num_classes=self.num_classes,
+            l2=l2,
+            strategy=self.strategy,
+            data=self.data,
         )
-
-    def _round_sums(self, placed, theta):
-        if self.strategy is None:
-            x, y = placed
-            return self._partial(x, y, theta, self._mean, self._scale)
-        # A plain callable: given a tf.function, MirroredStrategy.run in eager
-        # mode would retrace it on the distributed values themselves.
-        out = self.strategy.run(
-            lambda *args: self._partial(*args),
-            args=(*placed, theta, self._mean, self._scale),
-        )
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, out, axis=None)
-
-    def sums(self, theta: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Unnormalised ``(sum_i CE_i, X~^T (P - Y))`` at ``theta [D+1, C]``."""
-        total_value = tf.zeros([], self.accumulate_dtype)
-        total_grad = tf.zeros_like(theta)
-        rounds = (
-            self._resident
-            if self._resident is not None
-            else map(self._place, self._rounds())
-        )
-        for placed in rounds:
-            value, grad = self._round_sums(placed, theta)
-            total_value += value
-            total_grad += grad
-        return total_value, total_grad
 
     def max_abs_feature(self) -> float:
         """``max |x|`` over the features the objective sees (standardized if it
         standardizes): one pass over the shards."""
-        mean = self._mean.numpy().astype(np.float64)
-        scale = self._scale.numpy().astype(np.float64)
-        out = 0.0
-        for x, _ in self.source.iter_shards():
-            if len(x):
-                z = (np.asarray(x, np.float64) - mean) / scale
-                out = max(out, float(np.max(np.abs(z))))
-        return out
+        return self.data.max_abs_feature()
 
     def __call__(self, position: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """``(J, dJ/dTheta)`` at the flat position ``[(D+1) C]``."""
         self.evaluations += 1
         position = tf.cast(position, self.accumulate_dtype)
         theta = tf.reshape(position, [self.source.dim + 1, self.num_classes])
-        nll, grad = self.sums(theta)
-        n = tf.cast(self.source.num_examples, self.accumulate_dtype)
         weights = theta[:-1]
-        value = nll / n + 0.5 * self.l2 * tf.reduce_sum(tf.square(weights))
-        grad = grad / n + tf.pad(self.l2 * weights, [[0, 1], [0, 0]])
+        _, ce, grad_x, grad_b = self.data.fresh_gradient(weights, theta[-1])
+        value = ce + 0.5 * self.l2 * tf.reduce_sum(tf.square(weights))
+        grad = tf.concat([grad_x + self.l2 * weights, grad_b[None]], axis=0)
         return value, tf.reshape(grad, [-1])
 
 
@@ -429,96 +342,138 @@ def predict(
     return np.concatenate(parts) if parts else np.zeros([0], np.int32)
 
 
+def preconditioner_of(objective_: ShardedObjective) -> precondition_lib.Preconditioner:
+    """The eigen-preconditioner of ``objective_``'s features (one Gram pass).
+
+    ``S = X^T X / N`` of the standardized features, accumulated over shards
+    in float64, then one ``eigh`` (``precondition.Preconditioner``).
+    """
+    return precondition_lib.Preconditioner.from_gram(objective_.data.gram())
+
+
 def fit_sharded(
-    objective: ShardedObjective,
+    objective_: ShardedObjective,
     *,
     max_iterations: int = 1000,
     tolerance: float = 1e-6,
     initial: lbfgs.ProbeParams | None = None,
+    solver_name: str = "lbfgs",
+    precondition: bool = False,
+    preconditioner: precondition_lib.Preconditioner | None = None,
+    tf32: bool = solver.TF32_DEFAULT,
+    label: str = "",
 ) -> lbfgs.ProbeFit:
-    """Minimises a ``ShardedObjective`` with ``tfp.optimizer.lbfgs_minimize``.
+    """Minimises a ``ShardedObjective`` with the probe's L-BFGS driver.
 
-    TFP's L-BFGS runs eagerly here (its ``tf.while_loop`` becomes a Python
-    loop), so every objective call can stream shards from disk and call
-    ``strategy.run``; the per-shard work is compiled. Same correction pairs,
-    line-search cap and flags as ``lbfgs.fit_logistic_regression``.
+    ``solver.minimize`` runs eagerly on ``objective_.data`` (two passes over
+    the shards per iteration, the line search on the resident logits); every
+    pass can stream shards from disk and call ``strategy.run``, and the
+    per-shard work is compiled. Same correction pairs, line search, flags and
+    stopping test as ``lbfgs.fit_logistic_regression``.
 
     Args:
-        objective: the sharded objective (its ``l2`` is the penalty).
+        objective_: the sharded objective (its ``l2`` is the penalty).
         max_iterations: L-BFGS iteration cap.
         tolerance: stop when ``max |dJ/dTheta| <= tolerance``.
         initial: warm start (``ProbeParams`` of shape ``[D, C]``/``[C]``).
+        solver_name: ``"lbfgs"`` (the driver) or ``"tfp"``
+            (``tfp.optimizer.lbfgs_minimize`` run eagerly on the objective,
+            about three objective evaluations per iteration: an oracle).
+        precondition: run in eigen-preconditioned coordinates (computes
+            ``preconditioner_of(objective_)`` unless ``preconditioner`` is
+            given, e.g. shared along an L2 path).
+        preconditioner: a precomputed ``precondition.Preconditioner``.
+        tf32: TF32 policy during the solve (default off).
+        label: names the problem in warnings.
 
     Returns:
-        ``lbfgs.ProbeFit`` (``solver="tfp_sharded"``), bias centred;
-        ``converged`` only if the gradient test holds at the returned point
-        (``lbfgs.ProbeFit``). A fit that did not converge on badly scaled
-        features logs a warning (``lbfgs.warn_if_badly_scaled``).
+        ``lbfgs.ProbeFit`` (``solver="lbfgs_sharded"`` or ``"tfp_sharded"``),
+        bias centred; ``converged`` only if the gradient test holds at the
+        returned point; a fit that did not converge logs a warning (also in
+        ``ProbeFit.warnings``, and the badly-scaled hint if it applies).
 
     Raises:
-        ValueError: bad ``max_iterations``, ``tolerance`` or ``initial``.
+        ValueError: bad ``max_iterations``, ``tolerance``, ``initial`` or solver.
     """
-    lbfgs._check_solver_args(max_iterations, tolerance)
-    dim, num_classes = objective.source.dim, objective.num_classes
-    lbfgs._check_initial(initial, dim, num_classes)
-    np_dtype = objective.accumulate_dtype.as_numpy_dtype
-    if initial is None:
-        position = np.zeros([(dim + 1) * num_classes], np_dtype)
-    else:
-        position = lbfgs._pack(initial, np_dtype)
-    start, evaluations = time.perf_counter(), objective.evaluations
+    solver.check_solver_args(max_iterations, tolerance, solver_name)
+    use_precondition = precondition or preconditioner is not None
+    solver.check_precondition(use_precondition, solver_name)
+    data = objective_.data
+    dim, num_classes, acc = objective_.source.dim, objective_.num_classes, data.dtype
+    validation.check_initial(initial, dim, num_classes)
+    if use_precondition and preconditioner is None:
+        preconditioner = preconditioner_of(objective_)
+    l2 = objective_.l2
+    start, passes = time.perf_counter(), data.passes
+    terms = None if preconditioner is None else preconditioner.for_l2(l2, acc)
+    position = solver.start_position(initial, dim, num_classes, acc, terms)
+    with solver.tf32_policy(tf32):
+        if solver_name == "lbfgs":
+            out = solver.minimize(
+                data,
+                position,
+                l2=tf.constant(l2, acc),
+                tolerance=tf.constant(tolerance, acc),
+                max_iterations=tf.constant(int(max_iterations)),
+                coordinates=solver.Coordinates(
+                    None if terms is None else (terms.basis, terms.coef, terms.scale),
+                    terms is None or terms.full,
+                ),
+            )
+        else:
+            out = _tfp_minimize(objective_, position, max_iterations, tolerance)
+    fit = solver.finish(
+        out,
+        dim=dim,
+        num_classes=num_classes,
+        l2=l2,
+        tolerance=tolerance,
+        max_iterations=int(max_iterations),
+        seconds=time.perf_counter() - start,
+        solver=f"{solver_name}_sharded",
+        terms=terms,
+        tf32=tf32,
+        max_abs_feature=objective_.max_abs_feature,
+        label=label,
+    )
+    _logger.info(
+        "Sharded L-BFGS l2 %.1e: %d iterations, %d passes over %d shards, %.1fs.",
+        l2,
+        fit.iterations,
+        data.passes - passes,
+        objective_.source.num_shards,
+        fit.seconds,
+    )
+    return fit
+
+
+def _tfp_minimize(objective_, position, max_iterations, tolerance) -> dict:
+    """``tfp.optimizer.lbfgs_minimize`` eagerly on the objective (the oracle)."""
     result = tfp.optimizer.lbfgs_minimize(
-        objective,
-        initial_position=tf.constant(position),
-        num_correction_pairs=lbfgs._NUM_CORRECTION_PAIRS,
+        objective_,
+        initial_position=position,
+        num_correction_pairs=solver.NUM_CORRECTION_PAIRS,
         tolerance=tolerance,
         max_iterations=max_iterations,
-        max_line_search_iterations=lbfgs._MAX_LINE_SEARCH_ITERATIONS,
+        max_line_search_iterations=solver.MAX_LINE_SEARCH_ITERATIONS,
     )
-    theta = result.position.numpy().reshape(dim + 1, num_classes)
-    gradient_max = float(tf.reduce_max(tf.abs(result.objective_gradient)))
-    # Judged at the returned point only (lbfgs._honest_flags): TFP's own flag
-    # also counts a step that moved nothing.
-    converged, failed = (
-        bool(flag)
-        for flag in lbfgs._honest_flags(
-            result.objective_value,
-            result.objective_gradient,
-            tf.constant(tolerance, result.objective_value.dtype),
-            result.converged,
-            result.failed,
-        )
+    converged, failed = objective.honest_flags(
+        result.objective_value,
+        result.objective_gradient,
+        tf.constant(tolerance, result.objective_value.dtype),
+        result.converged,
+        result.failed,
     )
-    seconds = time.perf_counter() - start
-    _logger.info(
-        "Sharded L-BFGS l2 %.1e: %d iterations, %d evaluations of %d shards, %.1fs.",
-        objective.l2,
-        int(result.num_iterations),
-        objective.evaluations - evaluations,
-        objective.source.num_shards,
-        seconds,
-    )
-    if not converged:
-        lbfgs.warn_if_badly_scaled(
-            objective.max_abs_feature(),
-            gradient_max=gradient_max,
-            tolerance=tolerance,
-            iterations=int(result.num_iterations),
-            l2=objective.l2,
-        )
-    return lbfgs.ProbeFit(
-        weights=theta[:-1],
-        bias=theta[-1] - theta[-1].mean(),
-        l2=objective.l2,
-        loss=float(result.objective_value),
-        gradient_max=gradient_max,
-        iterations=int(result.num_iterations),
-        function_evaluations=int(result.num_objective_evaluations),
-        converged=converged,
-        failed=failed,
-        seconds=seconds,
-        solver="tfp_sharded",
-    )
+    return {
+        "position": result.position,
+        "loss": result.objective_value,
+        "gradient_max": tf.reduce_max(tf.abs(result.objective_gradient)),
+        "iterations": result.num_iterations,
+        "function_evaluations": result.num_objective_evaluations,
+        "line_search_evaluations": 0,
+        "converged": converged,
+        "failed": failed,
+    }
 
 
 def sweep_l2_sharded(
@@ -534,8 +489,17 @@ def sweep_l2_sharded(
     dtype: tf.DType = tf.float32,
     accumulate_dtype: tf.DType = tf.float64,
     strategy: tf.distribute.Strategy | None = None,
+    solver_name: str = "lbfgs",
+    precondition: bool = False,
+    extend: bool = True,
+    tf32: bool = solver.TF32_DEFAULT,
+    label: str = "",
 ) -> lbfgs.SweepResult:
-    """``lbfgs.sweep_l2`` on sharded data (same grid order, selection, ties).
+    """``lbfgs.sweep_l2`` on sharded data (``sweep.run_path``: same path rules).
+
+    The shards are placed (resident) or opened (streamed) once, the
+    standardizer and the preconditioner's Gram matrix take one pass each, and
+    every l2 of the path reuses them.
 
     Args:
         train: training shards (resident or streamed).
@@ -548,6 +512,8 @@ def sweep_l2_sharded(
         max_iterations, tolerance: per fit.
         dtype, accumulate_dtype: see the module docstring.
         strategy: distribute shards over its replicas.
+        solver_name, precondition, tf32, label: see ``fit_sharded``.
+        extend: continue the path past an edge pick (``sweep.run_path``).
 
     Returns:
         ``lbfgs.SweepResult``; score other splits with
@@ -556,51 +522,47 @@ def sweep_l2_sharded(
     Raises:
         ValueError: empty grid, bad l2, or train/val of different D.
     """
-    if isinstance(l2_grid, str | bytes) or len(l2_grid) == 0:
-        raise ValueError(
-            f"l2_grid must be a non-empty sequence of floats; got {l2_grid!r}."
-        )
-    grid = sorted({lbfgs._check_l2(v) for v in l2_grid}, reverse=True)
+    grid = validation.check_l2_grid(l2_grid)
+    solver.check_solver_args(max_iterations, tolerance, solver_name)
+    solver.check_precondition(precondition, solver_name)
     if val.dim != train.dim:
         raise ValueError(f"val has {val.dim} features per row; expected {train.dim}.")
     standardizer = fit_standardizer(train) if standardize else None
-    table, best, best_val, previous = [], None, -1.0, None
-    progress = progress_lib.Progress(len(grid))
-    for i, l2 in enumerate(grid):
-        objective = ShardedObjective(
-            train,
-            num_classes=num_classes,
-            l2=l2,
-            dtype=dtype,
-            accumulate_dtype=accumulate_dtype,
-            standardizer=standardizer,
-            strategy=strategy,
-        )
-        fit = fit_sharded(
-            objective,
+    base = ShardedObjective(
+        train,
+        num_classes=num_classes,
+        l2=grid[0],
+        dtype=dtype,
+        accumulate_dtype=accumulate_dtype,
+        standardizer=standardizer,
+        strategy=strategy,
+    )
+    preconditioner = preconditioner_of(base) if precondition else None
+
+    def fit(l2: float, initial: lbfgs.ProbeFit | None) -> lbfgs.ProbeFit:
+        return fit_sharded(
+            base.with_l2(l2),
             max_iterations=max_iterations,
             tolerance=tolerance,
-            initial=previous if warm_start else None,
+            initial=initial,
+            solver_name=solver_name,
+            preconditioner=preconditioner,
+            tf32=tf32,
+            label=label,
         )
-        val_top1 = top1(fit, val, standardizer)
-        table.append(
-            lbfgs.SweepPoint.of_fit(fit, top1(fit, train, standardizer), val_top1)
-        )
-        _logger.info(
-            "l2 %.1e (streamed): train %.2f%%, val %.2f%% (%d iterations%s, "
-            "%.1fs); sweep %s.",
-            l2,
-            100 * table[-1].train_top1,
-            100 * val_top1,
-            fit.iterations,
-            "" if fit.converged else ", NOT converged",
-            fit.seconds,
-            progress.summary(i + 1),
-        )
-        if val_top1 > best_val:
-            best, best_val = fit, val_top1
-        previous = fit
-    return lbfgs.SweepResult(best=best, table=table, standardizer=standardizer)
+
+    def score(result: lbfgs.ProbeFit) -> tuple[float, float]:
+        return top1(result, train, standardizer), top1(result, val, standardizer)
+
+    return sweep.run_path(
+        grid,
+        fit,
+        score,
+        standardizer=standardizer,
+        warm_start=warm_start,
+        extend=extend,
+        label=label,
+    )
 
 
 def result_accuracy(result: lbfgs.SweepResult, source: ShardSource) -> float:
