@@ -1,7 +1,8 @@
 """The only library module that imports gin: registers roots and builders.
 
 Gin files bind the roots' arguments (``pretrain.*``, ``export_model.*``,
-``linear_probe.*``) and reference the registered builders by name
+``linear_probe.*``), the probe protocols' (``LbfgsProbe.*``, ...) and
+reference the registered builders by name
 (``build_pretext_model.trunk_fn = @build_trunk``). Library code never sees gin.
 Every gin file starts with ``import revisit_tf.configurables`` so that it can
 be parsed on its own.
@@ -13,7 +14,7 @@ import gin
 from revisit_tf import experiments, resources
 from revisit_tf.models import factory, heads, pretext
 from revisit_tf.pp import permutations
-from revisit_tf.probe import online
+from revisit_tf.probe import online, protocols
 from revisit_tf.study import spec as study_spec
 from revisit_tf.train import contrastive, losses, optim, reconstruction, triplet
 
@@ -66,6 +67,14 @@ for _fn in (
 ):
     gin.register(_fn, module="revisit_tf.train")
 # --- probes ---
+# Probe protocols (linear_probe.protocols): each class binds its own
+# arguments (`LbfgsProbe.l2_grid = ...`). The gin-configurable classes replace
+# the registry's, so a name ('lbfgs') honours the bindings as `@LbfgsProbe()`
+# does.
+for _name, _cls in list(protocols.REGISTRY.items()):
+    protocols.REGISTRY[_name] = gin.external_configurable(
+        _cls, module="revisit_tf.probe"
+    )
 # Online evaluation during pretraining (pretrain.online_eval_fn, probe/online.gin).
 gin.external_configurable(
     online.OnlineEvaluator,

@@ -56,9 +56,6 @@ _logger = logging.getLogger(__name__)
 
 ModelFn = Callable[..., keras.Model]
 
-# L2 penalties tried by the probe (objective: mean cross-entropy + l2/2 |W|^2).
-DEFAULT_L2_GRID = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
-
 
 def pretrain(
     workdir: str,
@@ -633,26 +630,10 @@ def linear_probe(
     features: str = "export",
     export_dir: str | None = None,
     endpoints: Sequence[str] | str = ("pre_logits",),
-    protocols: Sequence[str] = ("lbfgs",),
+    protocols: Sequence[str | protocols_lib.Protocol] = ("lbfgs",),
     subsets: Sequence[float] = (1.0,),
-    l2_grid: Sequence[float] = DEFAULT_L2_GRID,
-    standardize: bool = True,
-    max_iterations: int = 1000,
-    precision: str = "float32",
-    accumulate_precision: str = "float64",
-    tolerance: float = 1e-4,
-    solver: str = "lbfgs",
-    precondition: bool = True,
-    refit_on_trainval: bool = True,
-    sgd_epochs: float = 70,
-    sgd_decay_epochs: Sequence[float] = (30, 50),
-    sgd_batch_size: int = 512,
-    sgd_lr: float = 0.1,
-    mlp_hidden: int = 1000,
-    knn_k: int = 20,
     seed: int = 0,
     strategy: str | None = None,
-    max_resident_bytes: int = 8 << 30,
     cache_dir: str | None = None,
     batch_size: int = 256,
     model_name: str | None = None,
@@ -663,57 +644,44 @@ def linear_probe(
     Data flow: source -> pp -> SavedModel (or pixels) -> feature cache (one
     entry per endpoint and split, ``probe/cache.py``) -> one probe per
     (endpoint, protocol, label subset) (``probe/protocols.py``) -> one row
-    each, with a protocol fingerprint (``probe/fingerprint.py``).
+    each, with a protocol fingerprint (``probe/fingerprint.py``). A protocol
+    that trains on images (``sgd_augmented``) reads the source itself, runs
+    once for all endpoints and gives one row per endpoint.
 
     The default is the paper's linear evaluation solved exactly: L2 chosen on
-    ``val_split`` from ``l2_grid`` (warm-started path, largest first), a final
-    fit at that penalty on train + val, scored on ``test_split`` (Table 1
-    protocol: train on ``train``, select on the held-out ``val``).
+    ``val_split`` from ``LbfgsProbe.l2_grid`` (warm-started path, largest
+    first, extended past an edge pick), a final fit at that penalty on
+    train + val, scored on ``test_split`` (Table 1 protocol: train on
+    ``train``, select on the held-out ``val``).
 
     Args:
       workdir: where results go; also the default place of the export.
-        Each L-BFGS row's accuracy against L2 also goes to TensorBoard, in
-        ``workdir/probe/tensorboard`` (``train.summaries.write_probe_sweep``).
+        Each L-BFGS row's accuracy against L2, and the augmented protocol's
+        accuracy curve, also go to TensorBoard in ``workdir/probe/tensorboard``.
       dataset, data_dir: the labelled source (``data.get_source``).
       train_split, val_split, test_split: split names.
       pp_probe: preprocessing from the source example to the export's input,
         float32 ``[H, W, C]`` in [0, 1] (e.g. ``"value_range(0, 1)"``, or
-        ``"resize_small(256)|central_crop(224)|value_range(0, 1)"``).
+        ``"resize_small(256)|central_crop(224)|value_range(0, 1)"``); the
+        evaluation crops of ``sgd_augmented`` too.
       features: ``"export"`` (the SavedModel's endpoints) or ``"pixels"``
         (flattened preprocessed pixels: the raw-pixel baseline).
       export_dir: SavedModel path (default ``workdir/export``).
       endpoints: endpoints to probe (``pre_logits`` is the paper's number), or
         ``"all"`` for every endpoint of the export (paper Fig. 5).
-      protocols: any of ``"lbfgs"`` (default), ``"sgd"`` (reference 8.5
-        schedule), ``"mlp"`` (paper Fig. 3), ``"knn"``.
+      protocols: registered names (``protocols.REGISTRY``: ``"lbfgs"``
+        (default), ``"sgd"`` (reference 8.5 schedule on cached features),
+        ``"mlp"`` (paper Fig. 3), ``"knn"``, ``"sgd_augmented"`` (the
+        release's protocol on re-drawn random crops)) or ``Protocol``
+        instances (gin: ``@LbfgsProbe()``). Each protocol's own arguments
+        are its class's (gin: ``LbfgsProbe.l2_grid = ...``, which names
+        honour too).
       subsets: fractions of the training labels, class-balanced and seeded
         (paper Fig. 7: ``(0.01, 0.1, 0.5, 1.0)``).
-      l2_grid: L-BFGS penalties (objective: mean cross-entropy + l2/2 ||W||^2).
-      standardize: standardize features with training-split statistics.
-      max_iterations: L-BFGS iteration cap per fit.
-      precision: ``"float32"`` (default: about 2x faster per iteration on a
-        CPU, and accurate to well below 0.1% top-1 at ``tolerance=1e-4``) or
-        ``"float64"`` (use ``tolerance=1e-6`` or smaller) for the solver.
-      accumulate_precision: dtype of the cross-shard sums and the L-BFGS
-        state of the sharded path (``probe/sharded.py``).
-      tolerance: L-BFGS stops when the largest gradient entry is below this.
-      solver: ``"lbfgs"`` (line search on the logits) or ``"tfp"``
-        (``tfp.optimizer.lbfgs_minimize``); same iterates.
-      precondition: whole-batch ``"lbfgs"`` fits run in coordinates where
-        the Hessian is well conditioned (``lbfgs._Preconditioner``): same
-        objective and stopping test, 4-5x fewer iterations on correlated
-        features, one ``X^T X`` per sweep. Ignored by ``"tfp"`` and the
-        streamed path.
-      refit_on_trainval: final L-BFGS fit on train + val (the paper).
-      sgd_epochs, sgd_decay_epochs, sgd_batch_size, sgd_lr: SGD/MLP schedule
-        (reference 10.6: 70, (30, 50), 512, 0.1 at batch 256).
-      mlp_hidden: MLP hidden width (reference 8.4: 1000).
-      knn_k: neighbours of the k-NN probe.
-      seed: label-subset, SGD and MLP seed.
+      seed: label-subset, SGD, MLP and crop seed.
       strategy: None (one device) or a ``train.strategy`` name: the L-BFGS
-        objective is then sharded over its replicas.
-      max_resident_bytes: above this size of the training matrix the L-BFGS
-        probe streams shards from the cache instead of holding it.
+        objective is then sharded over its replicas, and the augmented
+        protocol trains under it.
       cache_dir: the feature cache, a local directory (default
         ``workdir/probe/feature_cache``; for a URL workdir such as ``gs://``,
         ``probe.cache.local_cache_dir()``).
@@ -726,30 +694,24 @@ def linear_probe(
     """
     if features not in ("export", "pixels"):
         raise ValueError(f"features must be 'export' or 'pixels'; got {features!r}.")
-    for name in protocols:
-        if name not in protocols_lib.PROTOCOLS:
-            raise ValueError(
-                f"protocols must be among {protocols_lib.PROTOCOLS}; got {name!r}."
-            )
+    if isinstance(protocols, str | protocols_lib.Protocol):
+        protocols = (protocols,)
+    protocols = [protocols_lib.resolve(p) for p in protocols]
+    on_images = [p for p in protocols if p.uses == "images"]
+    on_features = [p for p in protocols if p.uses == "features"]
     subsets = [subsets_lib.check_fraction(f) for f in subsets]
-    settings = protocols_lib.Settings(
-        l2_grid=tuple(l2_grid),
-        standardize=standardize,
-        max_iterations=max_iterations,
-        precision=precision,
-        accumulate_precision=accumulate_precision,
-        tolerance=tolerance,
-        solver=solver,
-        precondition=precondition,
-        refit_on_trainval=refit_on_trainval,
-        sgd_epochs=sgd_epochs,
-        sgd_decay_epochs=tuple(sgd_decay_epochs),
-        sgd_batch_size=sgd_batch_size,
-        sgd_lr=sgd_lr,
-        mlp_hidden=mlp_hidden,
-        knn_k=knn_k,
+    if on_images and features != "export":
+        raise ValueError(
+            f"protocol(s) {[p.name for p in on_images]} train through an export; "
+            f"features={features!r} has none."
+        )
+    if on_images and subsets != [1.0]:
+        raise ValueError(
+            f"protocol(s) {[p.name for p in on_images]} train on all labels; "
+            f"subsets={subsets} (use (1.0,), or a feature protocol for subsets)."
+        )
+    context = protocols_lib.Context(
         seed=seed,
-        max_resident_bytes=max_resident_bytes,
         strategy=None if strategy is None else strategy_lib.make_strategy(strategy),
     )
     model_name = model_name or os.path.basename(os.path.normpath(workdir))
@@ -792,7 +754,56 @@ def linear_probe(
         source_id = "pixels"
     endpoints = tuple(endpoints)
 
-    # 2. Features of every split, extracted once into the cache.
+    rows: list[dict] = []
+    results_file = os.path.join(workdir, "probe", "results.jsonl")
+    tensorboard_dir = os.path.join(workdir, "probe", "tensorboard")
+    progress = progress_lib.Progress(
+        len(endpoints) * (len(on_features) * len(subsets) + len(on_images))
+    )
+
+    def record(protocol, endpoint, subset, out, sizes) -> None:
+        spec = protocols_lib.protocol_record(
+            protocol, dataset=dataset, splits=splits, pp=pp_probe,
+            pooling=features_lib.POOLING, subset=subset, seed=seed,
+            version=__version__,
+        )  # fmt: skip
+        row = _probe_row(model_name, endpoint, spec, out, sizes, workdir)
+        row["dataset"], row["features"] = dataset, features
+        if published_top1 is not None:
+            row["published_top1"] = published_top1
+        for warning in row.get("warnings") or ():
+            _logger.warning(
+                "Probe %s/%s %s: %s", model_name, endpoint, spec["protocol"], warning
+            )
+        _logger.info(
+            "Probe %s/%s %s %s: val %s, test %.2f%% (%.1fs); probes %s.",
+            model_name, endpoint, spec["protocol"], subsets_lib.subset_name(subset),
+            "-" if row["val_top1"] is None else f"{100 * row['val_top1']:.2f}%",
+            100 * row["test_top1"], row["seconds"], progress.summary(len(rows) + 1),
+        )  # fmt: skip
+        results_lib.append_result(results_file, row)
+        rows.append(row)
+        try:
+            summaries_lib.write_probe_sweep(tensorboard_dir, [row])
+        except Exception:  # the row is written already
+            _logger.warning("No TensorBoard L2 sweep:", exc_info=True)
+
+    # 2. Protocols that train on images through the export: one run each.
+    if on_images:
+        num_classes = _num_classes(dataset, splits, data_dir)
+        for protocol in on_images:
+            outs = protocol.run_images(
+                export_dir, dataset=dataset, data_dir=data_dir, splits=splits,
+                pp_eval=pp_probe, endpoints=endpoints, num_classes=num_classes,
+                context=context, logdir=tensorboard_dir,
+            )  # fmt: skip
+            for endpoint, out in outs.items():
+                sizes = {k: out.pop(k) for k in ("n_val", "n_test", "dim")}
+                record(protocol, endpoint, 1.0, out, sizes)
+    if not on_features:
+        return rows
+
+    # 3. Features of every split, extracted once into the cache.
     if cache_dir is None:  # the cache needs a local disk: not in a URL workdir
         cache_dir = (
             cache_lib.local_cache_dir()
@@ -831,59 +842,43 @@ def linear_probe(
             time.perf_counter() - t0,
         )
 
-    # 3. One probe per endpoint x protocol x subset, one row each.
-    rows = []
-    results_file = os.path.join(workdir, "probe", "results.jsonl")
-    # TensorBoard: every L-BFGS row's accuracy against L2 (train.summaries).
-    tensorboard_dir = os.path.join(workdir, "probe", "tensorboard")
-    progress = progress_lib.Progress(len(endpoints) * len(protocols) * len(subsets))
+    # 4. One probe per endpoint x protocol x subset, one row each.
     for endpoint in endpoints:
         split_entries = protocols_lib.SplitEntries(
             **{key: entries[key][endpoint] for key in splits}
         )
-        for name in protocols:
+        sizes = {
+            "n_val": split_entries.val.num_examples,
+            "n_test": split_entries.test.num_examples,
+            "dim": split_entries.test.dim,
+        }
+        for protocol in on_features:
             for subset in subsets:
-                protocol = protocols_lib.protocol_record(
-                    name,
-                    settings,
-                    dataset=dataset,
-                    splits=splits,
-                    pp=pp_probe,
-                    pooling=features_lib.POOLING,
-                    subset=subset,
-                    version=__version__,
-                )
                 out = protocols_lib.run_protocol(
-                    name, split_entries, subset=subset, settings=settings
+                    protocol, split_entries, subset=subset, context=context
                 )
-                row = _probe_row(
-                    model_name, endpoint, protocol, out, split_entries, workdir
-                )
-                row["dataset"], row["features"] = dataset, features
-                if published_top1 is not None:
-                    row["published_top1"] = published_top1
-                _logger.info(
-                    "Probe %s/%s %s %s: val %s, test %.2f%% (%.1fs); probes %s.",
-                    model_name,
-                    endpoint,
-                    name,
-                    subsets_lib.subset_name(subset),
-                    "-" if row["val_top1"] is None else f"{100 * row['val_top1']:.2f}%",
-                    100 * row["test_top1"],
-                    row["seconds"],
-                    progress.summary(len(rows) + 1),
-                )
-                results_lib.append_result(results_file, row)
-                rows.append(row)
-                try:
-                    summaries_lib.write_probe_sweep(tensorboard_dir, [row])
-                except Exception:  # the row is written already
-                    _logger.warning("No TensorBoard L2 sweep:", exc_info=True)
+                record(protocol, endpoint, subset, out, sizes)
     return rows
 
 
-def _probe_row(model_name, endpoint, protocol, out, split_entries, workdir) -> dict:
-    """A results.jsonl row: identity, fingerprint, result fields (linear_probe)."""
+def _num_classes(dataset: str, splits: dict[str, str], data_dir: str | None) -> int:
+    """Classes of a labelled source: its class names, else the largest label + 1."""
+    names = data_lib.class_names(dataset, data_dir=data_dir)
+    if names is not None:
+        return len(names)
+    top = -1
+    for split in splits.values():
+        source = data_lib.get_source(dataset, split, data_dir=data_dir)
+        for labels in source.map(lambda ex: ex["label"]).batch(4096):
+            top = max(top, int(tf.reduce_max(labels)))
+    return top + 1
+
+
+def _probe_row(model_name, endpoint, protocol, out, sizes, workdir) -> dict:
+    """A results.jsonl row: identity, fingerprint, result fields (linear_probe).
+
+    ``sizes``: ``n_val``, ``n_test`` and ``dim`` (the probed feature width).
+    """
     row = {
         "model": model_name,
         "endpoint": endpoint,
@@ -891,9 +886,7 @@ def _probe_row(model_name, endpoint, protocol, out, split_entries, workdir) -> d
         "subset": protocol["subset"],
         "fingerprint": fingerprint_lib.protocol_fingerprint(protocol),
         "n_train": out.pop("n_train"),
-        "n_val": split_entries.val.num_examples,
-        "n_test": split_entries.test.num_examples,
-        "dim": split_entries.test.dim,
+        **sizes,
     }
     row.update(out)
     row.update(

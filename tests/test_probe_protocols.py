@@ -262,13 +262,18 @@ def _split_entries(tmp_path, d=8, c=3):
     return protocols_lib.SplitEntries(**entries)
 
 
-_SETTINGS = dict(
-    l2_grid=(1e-1, 1e-3),
-    sgd_epochs=2,
-    sgd_batch_size=50,
-    mlp_hidden=16,
-    knn_k=5,
-)
+def _small_protocol(name: str, streamed: bool = False):
+    """Protocol ``name`` with small settings; ``streamed`` forces shards."""
+    from revisit_tf.probe import protocols as protocols_lib
+
+    return {
+        "lbfgs": lambda: protocols_lib.LbfgsProbe(
+            l2_grid=(1e-1, 1e-3), max_resident_bytes=1 if streamed else 8 << 30
+        ),
+        "sgd": lambda: protocols_lib.SgdProbe(epochs=2, batch_size=50),
+        "mlp": lambda: protocols_lib.MlpProbe(epochs=2, batch_size=50, hidden=16),
+        "knn": lambda: protocols_lib.KnnProbe(k=5),
+    }[name]()
 
 
 @pytest.mark.parametrize(
@@ -280,10 +285,9 @@ def test_run_protocol_keeps_test_predictions(tmp_path, name, streamed):
     from revisit_tf.probe import protocols as protocols_lib
 
     entries = _split_entries(tmp_path)
-    settings = protocols_lib.Settings(
-        **_SETTINGS, max_resident_bytes=1 if streamed else 8 << 30
-    )
-    out = protocols_lib.run_protocol(name, entries, subset=1.0, settings=settings)
+    protocol = _small_protocol(name, streamed)
+    out = protocols_lib.run_protocol(protocol, entries, subset=1.0)
+    assert isinstance(out["warnings"], list)
     test_x, test_y = entries.arrays("test")
     pred, correct = predictions.decode_predictions(
         out["test_predictions"], labels=test_y
@@ -321,20 +325,30 @@ def test_run_protocol_keeps_test_predictions(tmp_path, name, streamed):
 def test_protocol_fingerprint_ignores_the_predictions():
     from revisit_tf.probe import protocols as protocols_lib
 
-    settings = protocols_lib.Settings()
     record = protocols_lib.protocol_record(
         "lbfgs",
-        settings,
         dataset="d",
         splits={"train": "train", "val": "val", "test": "test"},
         pp="",
         pooling="max",
         subset=1.0,
+        seed=0,
+        version="0",
+    )
+    assert record == protocols_lib.protocol_record(
+        protocols_lib.LbfgsProbe(),
+        dataset="d",
+        splits={"train": "train", "val": "val", "test": "test"},
+        pp="",
+        pooling="max",
+        subset=1.0,
+        seed=0,
         version="0",
     )
     assert "predictions" not in repr(record)
     # Pinned: the settings (not the outputs) define the fingerprint.
-    assert fingerprint.protocol_fingerprint(record) == "9d791d2b8266"
+    # (518a1ea82106 since issue 14 added extend_l2; 9d791d2b8266 before.)
+    assert fingerprint.protocol_fingerprint(record) == "518a1ea82106"
 
 
 # --- the linear_probe root: protocols x subsets, cache reuse, streaming ---
@@ -345,12 +359,22 @@ _PIXEL_PROBE = dict(
     val_split="train[-300:]",
     test_split="test[:300]",
     features="pixels",
-    l2_grid=(1e-1,),  # the L2 path itself is tested in test_probe_lbfgs.py
-    sgd_epochs=2,
-    sgd_batch_size=64,
-    knn_k=5,
     batch_size=200,
 )
+
+
+def _pixel_protocols(*names: str, streamed: bool = False):
+    from revisit_tf.probe import protocols as protocols_lib
+
+    made = {
+        # The L2 path itself is tested in test_probe_lbfgs.py.
+        "lbfgs": lambda: protocols_lib.LbfgsProbe(
+            l2_grid=(1e-1,), max_resident_bytes=1 if streamed else 8 << 30
+        ),
+        "sgd": lambda: protocols_lib.SgdProbe(epochs=2, batch_size=64),
+        "knn": lambda: protocols_lib.KnnProbe(k=5),
+    }
+    return tuple(made[n]() for n in names)
 
 
 def test_linear_probe_runs_protocols_and_subsets_from_one_cache(tmp_path, caplog):
@@ -358,7 +382,10 @@ def test_linear_probe_runs_protocols_and_subsets_from_one_cache(tmp_path, caplog
 
     workdir = str(tmp_path / "w")
     rows = experiments.linear_probe(
-        workdir, protocols=("lbfgs", "knn", "sgd"), subsets=(0.1, 1.0), **_PIXEL_PROBE
+        workdir,
+        protocols=_pixel_protocols("lbfgs", "knn", "sgd"),
+        subsets=(0.1, 1.0),
+        **_PIXEL_PROBE,
     )
     assert [(r["protocol"], r["subset"]) for r in rows] == [
         (p, s) for p in ("lbfgs", "knn", "sgd") for s in (0.1, 1.0)
@@ -392,7 +419,10 @@ def test_linear_probe_runs_protocols_and_subsets_from_one_cache(tmp_path, caplog
     caplog.clear()
     with caplog.at_level("INFO"):
         again = experiments.linear_probe(
-            workdir, subsets=(1.0,), max_resident_bytes=1, **_PIXEL_PROBE
+            workdir,
+            protocols=_pixel_protocols("lbfgs", streamed=True),
+            subsets=(1.0,),
+            **_PIXEL_PROBE,
         )
     assert "Feature cache: wrote" not in caplog.text
     assert "Feature cache: using" in caplog.text
@@ -420,12 +450,10 @@ def test_precondition_is_part_of_the_lbfgs_protocol_fingerprint():
     from revisit_tf.probe import fingerprint as fingerprint_lib
     from revisit_tf.probe import protocols as protocols_lib
 
-    on = protocols_lib.Settings().protocol_settings("lbfgs")
-    off = protocols_lib.Settings(precondition=False).protocol_settings("lbfgs")
+    on = protocols_lib.LbfgsProbe().settings()
+    off = protocols_lib.LbfgsProbe(precondition=False).settings()
     assert on["precondition"] is True and off["precondition"] is False
     assert fingerprint_lib.protocol_fingerprint({**_PROTOCOL, "solver": on}) != (
         fingerprint_lib.protocol_fingerprint({**_PROTOCOL, "solver": off})
     )
-    assert protocols_lib.Settings(precondition=False).protocol_settings("knn") == (
-        protocols_lib.Settings().protocol_settings("knn")
-    )
+    assert "precondition" not in protocols_lib.KnnProbe().settings()

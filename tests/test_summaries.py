@@ -23,6 +23,7 @@ from revisit_tf import cli, configurables, experiments, progress
 from revisit_tf.models import heads
 from revisit_tf.pp import ops_patches
 from revisit_tf.probe import features as features_lib
+from revisit_tf.probe import protocols as protocols_lib
 from revisit_tf.train import summaries
 
 RNG = np.random.default_rng(0)
@@ -254,8 +255,11 @@ def test_pixel_probe_writes_one_scalar_per_l2_equal_to_its_row(tmp_path):
         val_split="train[-60:]",
         test_split="test[:60]",
         features="pixels",
-        l2_grid=(1e-1, 1e-2, 1e-3),
-        max_iterations=20,
+        protocols=(
+            protocols_lib.LbfgsProbe(
+                l2_grid=(1e-1, 1e-2, 1e-3), max_iterations=20, extend_l2=False
+            ),
+        ),
         batch_size=64,
     )
     (row,) = rows

@@ -1,34 +1,47 @@
-"""Probe protocols on cached features: one call per (endpoint, protocol, subset).
+"""Probe protocols: small registered classes, one ``run`` per (endpoint, subset).
 
 Place in the data flow (stage 6, after ``features`` and ``cache``): the
-``linear_probe`` root extracts (or finds) the cached features of the train,
-val and test splits of every endpoint, then calls ``run_protocol`` for every
-requested protocol and label subset; each call returns the result fields of
-one ``probe/results.jsonl`` row.
+``linear_probe`` root resolves its ``protocols`` (names or instances) with
+``resolve``, extracts (or finds) the cached features of the train, val and
+test splits of every endpoint, and calls each feature protocol's ``run`` for
+every endpoint and label subset; each call returns the result fields of one
+``probe/results.jsonl`` row. A protocol that trains on images instead of
+cached features (``uses == "images"``: ``AugmentedSgdProbe``) gets the
+export and the data through ``run_images`` once, for all endpoints.
 
-Protocols (``PROTOCOLS``):
-  * ``lbfgs``: multinomial logistic regression, L2 penalty chosen on val from
-    a warm-started path (``lbfgs.sweep_l2``), then, as the paper, a final fit
-    at that penalty on train + val (warm-started from the selected fit) scored
-    on test. Whole-batch on one device when the training matrix fits
-    ``max_resident_bytes`` and no strategy is given; otherwise sharded
-    (``sharded.sweep_l2_sharded``), streamed from the cache and reduced over
-    the strategy's replicas.
-  * ``sgd`` / ``mlp``: the release's SGD protocol with a linear or MLP head
+A protocol is a dataclass holding only its own arguments; ``settings()`` is
+the JSON part of the row's ``protocol`` record that defines it (the input of
+``fingerprint.protocol_fingerprint``, with the dataset, splits, pp, subset and
+seed the root adds). ``REGISTRY`` maps each ``name`` to its class; gin binds
+the classes' arguments (``LbfgsProbe.l2_grid = ...``; ``configurables`` puts
+the gin-configurable classes into the registry, so ``'lbfgs'`` and
+``@LbfgsProbe()`` both honour the bindings).
+
+Protocols:
+  * ``lbfgs`` (``LbfgsProbe``): multinomial logistic regression, L2 penalty
+    chosen on val from a warm-started path that extends itself past an edge
+    pick (``lbfgs.sweep_l2``, ``probe/sweep.py``), then, as the paper, a final
+    fit at that penalty on train + val (warm-started from the selected fit)
+    scored on test. Whole-batch on one device when the training matrix fits
+    ``max_resident_bytes`` and no strategy is given; otherwise streamed from
+    the cache (``sharded.sweep_l2_sharded``) and reduced over the strategy's
+    replicas; the same L-BFGS driver and preconditioner either way.
+  * ``sgd`` / ``mlp`` (``SgdProbe``, ``MlpProbe``): the release's SGD
+    schedule with a linear or MLP head on cached central-crop features
     (``sgd.train_sgd_probe``; reference 8.4, 8.5), trained on train, scored
     on val and test.
-  * ``knn``: cosine k-NN with train as the reference set (``knn.knn_top1``,
-    ``knn.knn_predict``).
+  * ``knn`` (``KnnProbe``): cosine k-NN with train as the reference set.
+  * ``sgd_augmented`` / ``mlp_augmented`` (``AugmentedSgdProbe``): the
+    release's own protocol, heads trained on random crops re-drawn at every
+    step through the frozen export, central crops for evaluation, an
+    accuracy curve over epochs (``augmented.train_augmented_probe``;
+    reference 8.5, paper Table 2 and Fig. 8).
 
-Every row names its protocol settings in ``protocol`` and carries
-``fingerprint = fingerprint.protocol_fingerprint(protocol)``. Every row also
-carries ``test_predictions`` (``predictions.encode_predictions``): the
-predicted class of every test example under the model scored on test (for
-L-BFGS the train + val refit when ``refit_on_trainval``, produced shard by
-shard on the streamed path; for k-NN the vote), so that reports can bootstrap
-paired differences over the same test images; ``test_top1`` is exactly the
-mean of its decoded ``correct``. Predictions are outputs, not settings: they
-do not enter the fingerprint.
+Every row carries ``test_predictions`` (``predictions.encode_predictions``):
+the predicted class of every test example under the model scored on test,
+so that reports can bootstrap paired differences over the same test images;
+``test_top1`` is exactly the mean of its decoded ``correct``. Predictions are
+outputs, not settings: they do not enter the fingerprint.
 """
 
 from __future__ import annotations
@@ -37,86 +50,17 @@ import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow as tf
 
+from revisit_tf.probe import augmented, knn, lbfgs, predictions, sgd, sharded, subsets
 from revisit_tf.probe import cache as cache_lib
-from revisit_tf.probe import knn, lbfgs, predictions, sgd, sharded, subsets
 
-PROTOCOLS = ("lbfgs", "sgd", "mlp", "knn")
 PRECISIONS = {"float32": tf.float32, "float64": tf.float64}
+DEFAULT_L2_GRID = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
 _logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class Settings:
-    """Every protocol setting (the ``linear_probe`` arguments of the same name).
-
-    ``protocol_settings(name)`` is the part of it that defines protocol
-    ``name`` and goes into the fingerprint.
-    """
-
-    l2_grid: Sequence[float] = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
-    standardize: bool = True
-    max_iterations: int = 1000
-    precision: str = "float32"
-    accumulate_precision: str = "float64"
-    tolerance: float = 1e-4
-    solver: str = "lbfgs"
-    precondition: bool = True
-    refit_on_trainval: bool = True
-    sgd_epochs: float = 70
-    sgd_decay_epochs: Sequence[float] = (30, 50)
-    sgd_batch_size: int = 512
-    sgd_lr: float = 0.1
-    mlp_hidden: int = 1000
-    knn_k: int = 20
-    seed: int = 0
-    max_resident_bytes: int = 8 << 30
-    strategy: tf.distribute.Strategy | None = None
-
-    def __post_init__(self):
-        for name in ("precision", "accumulate_precision"):
-            if getattr(self, name) not in PRECISIONS:
-                raise ValueError(
-                    f"{name} must be one of {sorted(PRECISIONS)}; got "
-                    f"{getattr(self, name)!r}."
-                )
-        if self.solver not in lbfgs.SOLVERS:
-            raise ValueError(
-                f"solver must be one of {lbfgs.SOLVERS}; got {self.solver!r}."
-            )
-
-    def protocol_settings(self, name: str) -> dict[str, Any]:
-        """The settings that define protocol ``name`` (JSON values)."""
-        if name == "lbfgs":
-            return {
-                "l2_grid": list(self.l2_grid),
-                "standardize": self.standardize,
-                "max_iterations": self.max_iterations,
-                "precision": self.precision,
-                "tolerance": self.tolerance,
-                "solver": self.solver,
-                "precondition": self.precondition,
-                "refit_on_trainval": self.refit_on_trainval,
-            }
-        if name in ("sgd", "mlp"):
-            out = {
-                "epochs": self.sgd_epochs,
-                "decay_epochs": list(self.sgd_decay_epochs),
-                "batch_size": self.sgd_batch_size,
-                "lr": self.sgd_lr,
-                "momentum": 0.9,
-                "reference_batch_size": 256,
-            }
-            if name == "mlp":
-                out["hidden"] = self.mlp_hidden
-            return out
-        if name == "knn":
-            return {"k": self.knn_k, "similarity": "cosine"}
-        raise ValueError(f"protocol must be one of {PROTOCOLS}; got {name!r}.")
 
 
 @dataclasses.dataclass
@@ -137,16 +81,163 @@ class SplitEntries:
         return self._loaded[split]
 
 
-def _subset_rows(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray | None:
-    return None if fraction == 1.0 else subsets.balanced_subset(labels, fraction, seed)
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What the root gives every protocol: the seed and the strategy."""
+
+    seed: int = 0
+    strategy: tf.distribute.Strategy | None = None
 
 
-def _run_lbfgs(entries: SplitEntries, rows, s: Settings) -> dict[str, Any]:
+class Protocol:
+    """Base of the registered protocols (module docstring)."""
+
+    name: ClassVar[str]
+    uses: ClassVar[str] = "features"  # or "images"
+
+    def settings(self) -> dict[str, Any]:
+        """The JSON settings that define this protocol (fingerprint input)."""
+        raise NotImplementedError
+
+    def run(
+        self, entries: SplitEntries, rows: np.ndarray | None, context: Context
+    ) -> dict[str, Any]:
+        """Result fields of one row (``run_protocol``); ``rows``: the label
+        subset's training rows, None for all."""
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Protocol]] = {}
+
+
+def register(cls: type[Protocol]) -> type[Protocol]:
+    """Class decorator: ``REGISTRY[cls.name] = cls``."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def resolve(protocol: str | Protocol) -> Protocol:
+    """A protocol instance from a registered name (default arguments, or the
+    gin-bound ones once ``configurables`` is imported) or an instance."""
+    if isinstance(protocol, Protocol):
+        return protocol
+    if isinstance(protocol, str) and protocol in REGISTRY:
+        return REGISTRY[protocol]()
+    raise ValueError(
+        f"protocols must be among {sorted(REGISTRY)} or Protocol instances; "
+        f"got {protocol!r}."
+    )
+
+
+def _check_choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}; got {value!r}.")
+
+
+def _scored(pred: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """``test_top1`` and ``test_predictions`` of predicted classes ``pred [N]``.
+
+    ``test_top1`` is ``mean(pred == labels)``, so it equals the decoded
+    ``correct.mean()`` exactly (and the accuracy functions' value).
+    """
+    return {
+        "test_top1": int(np.sum(pred == labels)) / len(labels),
+        "test_predictions": predictions.encode_predictions(pred, labels),
+    }
+
+
+def _resident(entries: SplitEntries, rows, max_bytes: int, name: str):
+    """The training features in memory (``[N, D]``, ``[N]``), or a clear error."""
+    if entries.train.nbytes > max_bytes:
+        raise ValueError(
+            f"the {name} probe needs the training features in memory "
+            f"({entries.train.nbytes / 1e9:.1f} GB > {max_bytes / 1e9:.1f} GB); "
+            "only the lbfgs protocol streams. Use a label subset."
+        )
+    train_x, train_y = entries.arrays("train")
+    if rows is not None:
+        train_x, train_y = train_x[rows], train_y[rows]
+    return train_x, train_y
+
+
+# Above this size the non-streaming protocols refuse the training matrix.
+RESIDENT_LIMIT_BYTES = 8 << 30
+
+
+@register
+@dataclasses.dataclass
+class LbfgsProbe(Protocol):
+    """The paper's linear evaluation solved exactly (module docstring).
+
+    Args:
+        l2_grid: penalties of the path (mean cross-entropy + l2/2 ||W||^2),
+            extended automatically past an edge pick (``probe/sweep.py``).
+        standardize: standardize features with training-split statistics.
+        max_iterations: L-BFGS iteration cap per fit (a fit that reaches it
+            is a warning in the log and the row).
+        precision: ``"float32"`` (default) or ``"float64"`` (then use
+            ``tolerance=1e-6`` or smaller) for the solver.
+        accumulate_precision: dtype of the cross-shard sums and the L-BFGS
+            state of the streamed path.
+        tolerance: L-BFGS stops when the largest gradient entry is below it.
+        solver: ``"lbfgs"`` (line search on the logits) or ``"tfp"``
+            (``tfp.optimizer.lbfgs_minimize``, the oracle); same iterates.
+        precondition: run ``"lbfgs"`` in coordinates where the Hessian is
+            well conditioned (one eigendecomposition of ``X^T X`` per path).
+        refit_on_trainval: final fit on train + val (the paper).
+        extend_l2: continue the path past an edge pick until validation
+            top-1 stops improving (``probe/sweep.py``); off, an edge pick is
+            only a warning.
+        max_resident_bytes: above this size of the training matrix the probe
+            streams shards from the cache instead of holding it.
+    """
+
+    name: ClassVar[str] = "lbfgs"
+    l2_grid: Sequence[float] = DEFAULT_L2_GRID
+    standardize: bool = True
+    max_iterations: int = 1000
+    precision: str = "float32"
+    accumulate_precision: str = "float64"
+    tolerance: float = 1e-4
+    solver: str = "lbfgs"
+    precondition: bool = True
+    refit_on_trainval: bool = True
+    extend_l2: bool = True
+    max_resident_bytes: int = RESIDENT_LIMIT_BYTES
+
+    def __post_init__(self):
+        self.l2_grid = tuple(float(v) for v in self.l2_grid)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("accumulate_precision", self.accumulate_precision, PRECISIONS)
+        _check_choice("solver", self.solver, lbfgs.SOLVERS)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "l2_grid": list(self.l2_grid),
+            "standardize": self.standardize,
+            "max_iterations": self.max_iterations,
+            "precision": self.precision,
+            "tolerance": self.tolerance,
+            "solver": self.solver,
+            "precondition": self.precondition,
+            "refit_on_trainval": self.refit_on_trainval,
+            "extend_l2": self.extend_l2,
+        }
+
+    def run(self, entries, rows, context):
+        return _run_lbfgs(self, entries, rows, context)
+
+
+def _run_lbfgs(
+    s: LbfgsProbe, entries: SplitEntries, rows, context: Context
+) -> dict[str, Any]:
+    """``LbfgsProbe.run``: the path on train/val, the refit, the test score."""
     dtype = PRECISIONS[s.precision]
     num_rows = entries.train.num_examples if rows is None else len(rows)
     train_bytes = num_rows * entries.train.dim * dtype.size
-    sharded_path = s.strategy is not None or train_bytes > s.max_resident_bytes
+    sharded_path = context.strategy is not None or train_bytes > s.max_resident_bytes
     val_x, val_y = (None, None)
+    label = str(entries.train.spec.get("endpoint", "")) if entries.train.spec else ""
     if not sharded_path:
         train_x, train_y = entries.arrays("train")
         if rows is not None:
@@ -166,10 +257,14 @@ def _run_lbfgs(entries: SplitEntries, rows, s: Settings) -> dict[str, Any]:
             dtype=dtype,
             solver=s.solver,
             precondition=s.precondition and s.solver == "lbfgs",
+            extend=s.extend_l2,
+            label=label,
         )
         final, test_source = sweep, None
         if s.refit_on_trainval:
-            final = _refit_whole(sweep, train_x, train_y, val_x, val_y, num_classes, s)
+            final = _refit_whole(
+                sweep, train_x, train_y, val_x, val_y, num_classes, s, label
+            )
         test_x, test_y = entries.arrays("test")
         test_pred = final.predict(test_x)
     else:
@@ -184,7 +279,10 @@ def _run_lbfgs(entries: SplitEntries, rows, s: Settings) -> dict[str, Any]:
             tolerance=s.tolerance,
             dtype=dtype,
             accumulate_dtype=PRECISIONS[s.accumulate_precision],
-            strategy=s.strategy,
+            strategy=context.strategy,
+            solver_name=s.solver,
+            precondition=s.precondition and s.solver == "lbfgs",
+            label=label,
         )
         _logger.info(
             "L-BFGS on %d x %d features (%.1f GB) streamed in %d shards%s.",
@@ -193,15 +291,17 @@ def _run_lbfgs(entries: SplitEntries, rows, s: Settings) -> dict[str, Any]:
             train_bytes / 1e9,
             train.num_shards,
             ""
-            if s.strategy is None
-            else f" over {s.strategy.num_replicas_in_sync} replicas",
+            if context.strategy is None
+            else f" over {context.strategy.num_replicas_in_sync} replicas",
         )
-        sweep = sharded.sweep_l2_sharded(train, val, l2_grid=s.l2_grid, **kwargs)
+        sweep = sharded.sweep_l2_sharded(
+            train, val, l2_grid=s.l2_grid, extend=s.extend_l2, **kwargs
+        )
         final = sweep
         if s.refit_on_trainval:
             both = sharded.ShardSource.concat([train, val])
             final = sharded.sweep_l2_sharded(
-                both, val, l2_grid=[sweep.best_l2], **kwargs
+                both, val, l2_grid=[sweep.best_l2], extend=False, **kwargs
             )
         # Shard by shard: the test matrix is never held whole.
         test_pred = sharded.result_predict(final, test_source)
@@ -223,21 +323,14 @@ def _run_lbfgs(entries: SplitEntries, rows, s: Settings) -> dict[str, Any]:
                 "val_top1": p.val_top1,
                 "iterations": p.iterations,
                 "seconds": p.seconds,
+                "extended": p.extended,
             }
             for p in sweep.table
         ],
-    }
-
-
-def _scored(pred: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """``test_top1`` and ``test_predictions`` of predicted classes ``pred [N]``.
-
-    ``test_top1`` is ``mean(pred == labels)``, so it equals the decoded
-    ``correct.mean()`` exactly (and the accuracy functions' value).
-    """
-    return {
-        "test_top1": int(np.sum(pred == labels)) / len(labels),
-        "test_predictions": predictions.encode_predictions(pred, labels),
+        "l2_extended": list(sweep.l2_extended),
+        "tf32": final.best.tf32,
+        "warnings": list(sweep.warnings)
+        + (list(final.warnings) if final is not sweep else []),
     }
 
 
@@ -256,7 +349,9 @@ def _source(entry: cache_lib.CachedFeatures, rows) -> sharded.ShardSource:
     )
 
 
-def _refit_whole(sweep, train_x, train_y, val_x, val_y, num_classes, s):
+def _refit_whole(
+    sweep, train_x, train_y, val_x, val_y, num_classes, s: LbfgsProbe, label=""
+):
     """The selected l2 refitted on train + val (new standardizer), warm-started."""
     both_x = np.concatenate([train_x, val_x])
     both_y = np.concatenate([train_y, val_y])
@@ -281,6 +376,7 @@ def _refit_whole(sweep, train_x, train_y, val_x, val_y, num_classes, s):
         dtype=PRECISIONS[s.precision],
         solver=s.solver,
         precondition=s.precondition and s.solver == "lbfgs",
+        label=label,
     )
     _logger.info(
         "Refit on train+val (%d examples) at l2 %.1e: %d iterations, %.1fs.",
@@ -289,123 +385,347 @@ def _refit_whole(sweep, train_x, train_y, val_x, val_y, num_classes, s):
         fit.iterations,
         fit.seconds,
     )
-    return lbfgs.SweepResult(best=fit, table=[], standardizer=standardizer)
+    return lbfgs.SweepResult(
+        best=fit, table=[], standardizer=standardizer, warnings=list(fit.warnings)
+    )
 
 
-def _resident(entries: SplitEntries, rows, s: Settings, name: str):
-    if entries.train.nbytes > s.max_resident_bytes:
-        raise ValueError(
-            f"the {name} probe needs the training features in memory "
-            f"({entries.train.nbytes / 1e9:.1f} GB > max_resident_bytes = "
-            f"{s.max_resident_bytes / 1e9:.1f} GB); only the lbfgs protocol "
-            "streams. Raise max_resident_bytes or use a label subset."
+@register
+@dataclasses.dataclass
+class SgdProbe(Protocol):
+    """The release's SGD schedule on cached features (reference 8.4, 8.5).
+
+    Args:
+        epochs: training epochs (reference 10.6: 70; Fig. 8: longer).
+        decay_epochs: x0.1 after each (10.6: 30, 50).
+        batch_size: batch (10.6: 512; capped at the training set).
+        lr: rate at batch 256, scaled linearly (10.6: 0.1).
+    """
+
+    name: ClassVar[str] = "sgd"
+    head: ClassVar[str] = "linear"
+    epochs: float = 70
+    decay_epochs: Sequence[float] = (30, 50)
+    batch_size: int = 512
+    lr: float = 0.1
+
+    def __post_init__(self):
+        self.decay_epochs = tuple(self.decay_epochs)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs,
+            "decay_epochs": list(self.decay_epochs),
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "momentum": 0.9,
+            "reference_batch_size": 256,
+        }
+
+    def _hidden(self) -> int:
+        return 0
+
+    def run(self, entries, rows, context):
+        train_x, train_y = _resident(entries, rows, RESIDENT_LIMIT_BYTES, self.name)
+        val_x, val_y = entries.arrays("val")
+        test_x, test_y = entries.arrays("test")
+        num_classes = 1 + int(max(train_y.max(), val_y.max(), test_y.max()))
+        result = sgd.train_sgd_probe(
+            train_x,
+            train_y,
+            eval_sets={"val": (val_x, val_y), "test": (test_x, test_y)},
+            num_classes=num_classes,
+            head=self.head,
+            batch_size=min(self.batch_size, len(train_y)),
+            lr=self.lr,
+            epochs=self.epochs,
+            decay_epochs=self.decay_epochs,
+            hidden=self._hidden() or 1,
+            seed=context.seed,
         )
-    train_x, train_y = entries.arrays("train")
-    if rows is not None:
-        train_x, train_y = train_x[rows], train_y[rows]
-    return train_x, train_y
+        return {
+            "train_top1": result.train_top1,
+            "val_top1": result.top1["val"],
+            **_scored(result.predictions["test"], test_y),
+            "steps": result.steps,
+            "lr_curve": result.curve,
+        }
+
+
+@register
+@dataclasses.dataclass
+class MlpProbe(SgdProbe):
+    """An MLP head (paper Fig. 3; reference 8.4: 1000 hidden ReLU units,
+    dropout 0.5) with the SGD schedule of ``SgdProbe``."""
+
+    name: ClassVar[str] = "mlp"
+    head: ClassVar[str] = "mlp"
+    hidden: int = 1000
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "hidden": self.hidden}
+
+    def _hidden(self) -> int:
+        return self.hidden
+
+
+@register
+@dataclasses.dataclass
+class KnnProbe(Protocol):
+    """Cosine k-NN, train as the reference set; no training.
+
+    Args:
+        k: neighbours (capped at the training set).
+    """
+
+    name: ClassVar[str] = "knn"
+    k: int = 20
+
+    def settings(self) -> dict[str, Any]:
+        return {"k": self.k, "similarity": "cosine"}
+
+    def run(self, entries, rows, context):
+        train_x, train_y = _resident(entries, rows, RESIDENT_LIMIT_BYTES, self.name)
+        val_x, val_y = entries.arrays("val")
+        test_x, test_y = entries.arrays("test")
+        num_classes = 1 + int(max(train_y.max(), val_y.max(), test_y.max()))
+        k = min(self.k, len(train_y))
+        test_pred = knn.knn_predict(
+            train_x, train_y, test_x, k=k, num_classes=num_classes
+        )
+        return {
+            "k": k,
+            "train_top1": None,
+            "val_top1": knn.knn_top1(
+                train_x, train_y, val_x, val_y, k=k, num_classes=num_classes
+            ),
+            **_scored(test_pred, test_y),
+        }
+
+
+@register
+@dataclasses.dataclass
+class AugmentedSgdProbe(Protocol):
+    """The release's linear evaluation: heads on re-augmented images.
+
+    ``augmented.train_augmented_probe`` (reference 8.5, 10.6/10.7): trained
+    on the root's ``train_split`` with ``pp_train`` (random crops, no flips)
+    re-drawn at every step, scored on ``val_split`` and ``test_split`` with
+    the root's ``pp_probe`` (central crops) every ``eval_every_epochs``; the
+    curve goes to the row (``curve``) and to TensorBoard.
+
+    Args:
+        pp_train: training pp, ending in float32 ``[H, W, C]`` in [0, 1] of
+            the shape ``pp_probe`` gives.
+        head: ``"linear"`` (protocol ``sgd_augmented``) or ``"mlp"``
+            (``mlp_augmented``; hidden 1000, dropout 0.5).
+        epochs, decay_epochs, batch_size, lr: the schedule (10.6: 70,
+            (30, 50), 512, 0.1 at batch 256).
+        hidden: MLP width.
+        eval_every_epochs: evaluation interval (and always at the end).
+        eval_batch_size: evaluation batch.
+        num_classes: classes; None: the source's class names' count, else
+            the largest label + 1 over the splits.
+        eval_val: score ``val_split`` too (off when it is inside the
+            training split, e.g. ``trainval``: its ``val_top1`` would be a
+            training accuracy; the row's ``val_top1`` is then None).
+    """
+
+    name: ClassVar[str] = "sgd_augmented"
+    uses: ClassVar[str] = "images"
+    pp_train: str = "resize_small(256)|random_crop(224)|value_range(0, 1)"
+    head: str = "linear"
+    epochs: float = 70
+    decay_epochs: Sequence[float] = (30, 50)
+    batch_size: int = 512
+    lr: float = 0.1
+    hidden: int = 1000
+    eval_every_epochs: int = 1
+    eval_batch_size: int = 256
+    num_classes: int | None = None
+    eval_val: bool = True
+
+    def __post_init__(self):
+        self.decay_epochs = tuple(self.decay_epochs)
+        _check_choice("head", self.head, augmented.PROTOCOLS)
+
+    @property
+    def protocol_name(self) -> str:
+        """``sgd_augmented`` or ``mlp_augmented`` (the row's protocol)."""
+        return augmented.PROTOCOLS[self.head]
+
+    def settings(self) -> dict[str, Any]:
+        out = {
+            "pp_train": self.pp_train,
+            "head": self.head,
+            "epochs": self.epochs,
+            "decay_epochs": list(self.decay_epochs),
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "momentum": 0.9,
+            "reference_batch_size": 256,
+            "eval_every_epochs": self.eval_every_epochs,
+            "eval_val": self.eval_val,
+        }
+        if self.head == "mlp":
+            out["hidden"] = self.hidden
+        return out
+
+    def run_images(
+        self,
+        export_dir: str,
+        *,
+        dataset: str,
+        data_dir: str | None,
+        splits: Mapping[str, str],
+        pp_eval: str,
+        endpoints: Sequence[str],
+        num_classes: int,
+        context: Context,
+        logdir: str | None,
+    ) -> dict[str, dict[str, Any]]:
+        """``{endpoint: result fields of its row}`` after one training run."""
+        start = time.perf_counter()
+        val, test = splits["val"], splits["test"]
+        scored = (val, test) if self.eval_val else (test,)
+        results = augmented.train_augmented_probe(
+            export_dir,
+            dataset=dataset,
+            data_dir=data_dir,
+            train_split=splits["train"],
+            eval_splits=tuple(dict.fromkeys(scored)),
+            pp_train=self.pp_train,
+            pp_eval=pp_eval,
+            endpoints=endpoints,
+            num_classes=self.num_classes or num_classes,
+            head=self.head,
+            hidden=self.hidden,
+            epochs=self.epochs,
+            decay_epochs=self.decay_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            eval_batch_size=self.eval_batch_size,
+            eval_every_epochs=self.eval_every_epochs,
+            seed=context.seed,
+            strategy=context.strategy,
+            logdir=logdir,
+        )
+        out = {}
+        for endpoint, r in results.items():
+            curve = [
+                {
+                    "epoch": p["epoch"],
+                    "step": p["step"],
+                    "lr": p["lr"],
+                    "loss": p["loss"],
+                    "val_top1": p.get(f"{val}_top1") if self.eval_val else None,
+                    "test_top1": p[f"{test}_top1"],
+                }
+                for p in r.curve
+            ]
+            out[endpoint] = {
+                "train_top1": None,
+                "val_top1": r.top1[val] if self.eval_val else None,
+                **_scored(r.predictions[test], r.labels[test]),
+                "test_top5": r.top5[test],
+                "steps": r.steps,
+                "curve": curve,
+                "n_train": r.num_examples[splits["train"]],
+                "n_val": r.num_examples[val] if self.eval_val else 0,
+                "n_test": r.num_examples[test],
+                "dim": int(r.params.get("hidden_kernel", r.params["kernel"]).shape[0]),
+                "seconds": time.perf_counter() - start,
+            }
+        return out
+
+
+@register
+@dataclasses.dataclass
+class AugmentedMlpProbe(AugmentedSgdProbe):
+    """``AugmentedSgdProbe`` with the MLP head (``mlp_augmented``; paper
+    Fig. 3, reference 8.4)."""
+
+    name: ClassVar[str] = "mlp_augmented"
+    head: str = "mlp"
 
 
 def run_protocol(
-    name: str, entries: SplitEntries, *, subset: float, settings: Settings
+    protocol: str | Protocol,
+    entries: SplitEntries,
+    *,
+    subset: float,
+    context: Context | None = None,
 ) -> dict[str, Any]:
-    """Runs protocol ``name`` on one endpoint's features and one label subset.
+    """Runs a feature protocol on one endpoint's features and one label subset.
 
     Args:
-        name: one of ``PROTOCOLS``.
+        protocol: a registered name or a ``Protocol`` with ``uses ==
+            "features"``.
         entries: the endpoint's cached train/val/test features.
         subset: fraction of the training labels, class-balanced and seeded by
-            ``settings.seed`` (``subsets.balanced_subset``); 1 = all.
-        settings: the protocol settings.
+            ``context.seed`` (``subsets.balanced_subset``); 1 = all.
+        context: seed and strategy (default: seed 0, one device).
 
     Returns:
         The result fields of a row: ``train_top1``/``val_top1``/``test_top1``
         in [0, 1], ``test_predictions`` (``predictions.encode_predictions``
         of the final model's predicted class per test example and the test
         labels; ``test_top1 == decode_predictions(...)[1].mean()``),
-        ``n_train`` after subsetting, ``seconds``, and the protocol's own
-        fields (``lbfgs``: ``l2``, ``iterations``, ``converged``,
-        ``refit_iterations``, ``streamed``, ``l2_path``: one dict per L2 in
-        visiting order with ``l2``, ``train_top1``, ``val_top1``,
-        ``iterations``, ``seconds``; ``knn``: ``k``;
-        ``sgd``/``mlp``: ``steps`` and ``lr_curve``, one dict per epoch with
-        ``epoch``, ``lr``, ``loss``, ``val_top1``, ``test_top1``).
+        ``n_train`` after subsetting, ``seconds``, ``warnings`` (list of
+        strings: non-convergence, an L2 pick at the end of the path) and the
+        protocol's own fields (``lbfgs``: ``l2``, ``iterations``,
+        ``converged``, ``refit_iterations``, ``streamed``, ``l2_extended``,
+        ``l2_path``: one dict per L2 in visiting order with ``l2``,
+        ``train_top1``, ``val_top1``, ``iterations``, ``seconds``; ``knn``:
+        ``k``; ``sgd``/``mlp``: ``steps`` and ``lr_curve``, one dict per
+        epoch with ``epoch``, ``lr``, ``loss``, ``val_top1``, ``test_top1``).
 
     Raises:
-        ValueError: unknown protocol, bad subset, or (non-L-BFGS protocols)
-            training features larger than ``max_resident_bytes``.
+        ValueError: unknown protocol, an image protocol, bad subset, or
+            (non-L-BFGS protocols) training features too large to hold.
     """
-    settings.protocol_settings(name)  # validates the name
+    protocol = resolve(protocol)
+    if protocol.uses != "features":
+        raise ValueError(
+            f"protocol {protocol.name!r} trains on images, not cached features; "
+            "linear_probe runs it through run_images."
+        )
+    context = context or Context()
     subset = subsets.check_fraction(subset)
     start = time.perf_counter()
-    rows = _subset_rows(entries.train.labels, subset, settings.seed)
-    n_train = entries.train.num_examples if rows is None else len(rows)
-    if name == "lbfgs":
-        out = _run_lbfgs(entries, rows, settings)
-    else:
-        train_x, train_y = _resident(entries, rows, settings, name)
-        val_x, val_y = entries.arrays("val")
-        test_x, test_y = entries.arrays("test")
-        num_classes = 1 + int(max(train_y.max(), val_y.max(), test_y.max()))
-        if name == "knn":
-            k = min(settings.knn_k, len(train_y))
-            test_pred = knn.knn_predict(
-                train_x, train_y, test_x, k=k, num_classes=num_classes
-            )
-            out = {
-                "k": k,
-                "train_top1": None,
-                "val_top1": knn.knn_top1(
-                    train_x, train_y, val_x, val_y, k=k, num_classes=num_classes
-                ),
-                **_scored(test_pred, test_y),
-            }
-        else:
-            result = sgd.train_sgd_probe(
-                train_x,
-                train_y,
-                eval_sets={"val": (val_x, val_y), "test": (test_x, test_y)},
-                num_classes=num_classes,
-                head="linear" if name == "sgd" else "mlp",
-                batch_size=min(settings.sgd_batch_size, len(train_y)),
-                lr=settings.sgd_lr,
-                epochs=settings.sgd_epochs,
-                decay_epochs=settings.sgd_decay_epochs,
-                hidden=settings.mlp_hidden,
-                seed=settings.seed,
-            )
-            out = {
-                "train_top1": result.train_top1,
-                "val_top1": result.top1["val"],
-                **_scored(result.predictions["test"], test_y),
-                "steps": result.steps,
-                "lr_curve": result.curve,
-            }
-    out["n_train"] = n_train
+    rows = (
+        None
+        if subset == 1.0
+        else subsets.balanced_subset(entries.train.labels, subset, context.seed)
+    )
+    out = protocol.run(entries, rows, context)
+    out.setdefault("warnings", [])
+    out["n_train"] = entries.train.num_examples if rows is None else len(rows)
     out["seconds"] = time.perf_counter() - start
     return out
 
 
 def protocol_record(
-    name: str,
-    settings: Settings,
+    protocol: str | Protocol,
     *,
     dataset: str,
     splits: Mapping[str, str],
     pp: str,
     pooling: str,
     subset: float,
+    seed: int,
     version: str,
 ) -> dict[str, Any]:
     """The ``protocol`` mapping of a row (input of the fingerprint)."""
+    protocol = resolve(protocol)
     return {
-        "protocol": name,
-        "settings": settings.protocol_settings(name),
+        "protocol": getattr(protocol, "protocol_name", protocol.name),
+        "settings": protocol.settings(),
         "dataset": dataset,
         "splits": dict(splits),
         "pp": pp,
         "pooling": pooling,
         "subset": subset,
-        "seed": settings.seed,
+        "seed": seed,
         "version": version,
     }

@@ -18,8 +18,9 @@ Job identity: ``job.fingerprint`` is a SHA-256 over the job's kind, its gin
 (the *text* of every file, includes resolved, comments and blank lines
 dropped, and the bindings) and its dependencies' fingerprints, so editing a
 shipped gin file, a level or a probe changes exactly the jobs it reaches.
-``linear_probe.*`` bindings are left out of train and export fingerprints:
-they bind the probe root only.
+Bindings of the probe root and its protocols (``linear_probe.*``,
+``LbfgsProbe.*``, ...: ``PROBE_SCOPES``) are left out of train and export
+fingerprints: they bind the probe only.
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 STAGES = ("train", "export", "probe")
+# The probe's gin scopes: its root and the protocol classes of
+# probe.protocols.REGISTRY (tests/test_study.py checks they agree; spec.py
+# imports no TensorFlow).
+PROBE_SCOPES = (
+    "linear_probe.",
+    "LbfgsProbe.",
+    "SgdProbe.",
+    "MlpProbe.",
+    "KnnProbe.",
+    "AugmentedSgdProbe.",
+    "AugmentedMlpProbe.",
+)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _INCLUDE = re.compile(r"^\s*include\s+['\"]([^'\"]+)['\"]", re.M)
 
@@ -453,9 +466,7 @@ def expand(spec: Spec, search: Sequence[str] = ()) -> list[Job]:
             return part
         return GinPart(
             part.files,
-            tuple(
-                b for b in part.bindings if not b.strip().startswith("linear_probe.")
-            ),
+            tuple(b for b in part.bindings if not b.strip().startswith(PROBE_SCOPES)),
         )
 
     jobs: list[Job] = []
