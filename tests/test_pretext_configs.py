@@ -127,7 +127,18 @@ def mock_imagenet():
         yield
 
 
-@pytest.mark.parametrize("config", SHIPPED)
+# Training every shipped config takes ~6 minutes; by default (CI) the three
+# whose pipelines the demo configs do not already train end to end in
+# test_pretext_contract (ImageNet-sized patches and crops), all with
+# REVISIT_TF_SLOW_TESTS=1.
+TRAINED = (
+    SHIPPED
+    if os.environ.get("REVISIT_TF_SLOW_TESTS") == "1"
+    else [c for c in SHIPPED if c in ("rotation", "jigsaw", "exemplar")]
+)
+
+
+@pytest.mark.parametrize("config", TRAINED)
 def test_shipped_config_trains_two_steps_and_exports_on_mock_imagenet(
     config, tmp_path, mock_imagenet
 ):
