@@ -61,6 +61,7 @@ from revisit_tf import pp as pp_lib
 from revisit_tf import progress as progress_lib
 from revisit_tf import schedules
 from revisit_tf.export import saved_model as export_lib
+from revisit_tf.probe import sgd
 from revisit_tf.probe.features import POOLING, pool_to_budget
 
 _logger = logging.getLogger(__name__)
@@ -298,38 +299,6 @@ def _labelled_pp(pp: str):
     return preprocess
 
 
-def _glorot(rng: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarray:
-    limit = math.sqrt(6.0 / (fan_in + fan_out))
-    return rng.uniform(-limit, limit, size=(fan_in, fan_out)).astype(np.float32)
-
-
-class _Head:
-    """A linear or one-hidden-layer head's variables, momentum slots and logits."""
-
-    def __init__(self, head, dim, num_classes, hidden, rng):
-        self.head = head
-        if head == "linear":
-            shapes = {"kernel": (dim, num_classes)}
-        else:
-            shapes = {"hidden_kernel": (dim, hidden), "kernel": (hidden, num_classes)}
-        self.vars = {}
-        for name, (fan_in, fan_out) in shapes.items():
-            self.vars[name] = tf.Variable(_glorot(rng, fan_in, fan_out), name=name)
-            bias = name.replace("kernel", "bias")
-            self.vars[bias] = tf.Variable(tf.zeros([fan_out]), name=bias)
-        self.names = sorted(self.vars)
-        self.slots = {k: tf.Variable(tf.zeros_like(v)) for k, v in self.vars.items()}
-
-    def logits(self, x, dropout_seed=None):  # [B, D] -> [B, C]
-        if self.head == "mlp":
-            x = tf.nn.relu(
-                tf.matmul(x, self.vars["hidden_kernel"]) + self.vars["hidden_bias"]
-            )  # [B, hidden]
-            if dropout_seed is not None:
-                x = tf.nn.experimental.stateless_dropout(x, DROPOUT, seed=dropout_seed)
-        return tf.matmul(x, self.vars["kernel"]) + self.vars["bias"]
-
-
 class _Heads:
     """Every endpoint's head, trained together on the frozen trunk's features.
 
@@ -347,7 +316,7 @@ class _Heads:
         rng = np.random.default_rng(seed)
         with strategy.scope():
             self.heads = {
-                e: _Head(head, trunk.dims[e], num_classes, hidden, rng)
+                e: sgd.Head(head, trunk.dims[e], num_classes, hidden, rng)
                 for e in endpoints
             }
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")

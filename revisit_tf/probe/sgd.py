@@ -78,11 +78,20 @@ def _glorot(rng: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarray:
     return rng.uniform(-limit, limit, size=(fan_in, fan_out)).astype(np.float32)
 
 
-class _Head:
-    """Variables and forward pass of a linear or one-hidden-layer head."""
+class Head:
+    """Variables, momentum slots and forward pass of a linear or
+    one-hidden-layer head (``[B, D] -> [B, C]``; reference 8.4: Glorot-uniform
+    kernels, zero biases; the MLP's dropout is 0.5). Also ``probe.augmented``'s.
+    """
 
-    def __init__(self, head: str, dim: int, num_classes: int, hidden: int, seed: int):
-        rng = np.random.default_rng(seed)
+    def __init__(
+        self,
+        head: str,
+        dim: int,
+        num_classes: int,
+        hidden: int,
+        rng: np.random.Generator,
+    ):
         self.head = head
         if head == "linear":
             shapes = {"kernel": (dim, num_classes)}
@@ -93,9 +102,10 @@ class _Head:
             self.vars[name] = tf.Variable(_glorot(rng, fan_in, fan_out), name=name)
             bias = name.replace("kernel", "bias")
             self.vars[bias] = tf.Variable(tf.zeros([fan_out]), name=bias)
+        self.names = sorted(self.vars)
         self.slots = {k: tf.Variable(tf.zeros_like(v)) for k, v in self.vars.items()}
 
-    def logits(self, x: tf.Tensor, *, dropout_seed: tf.Tensor | None = None):
+    def logits(self, x: tf.Tensor, dropout_seed: tf.Tensor | None = None):
         if self.head == "mlp":
             h = tf.nn.relu(
                 tf.matmul(x, self.vars["hidden_kernel"]) + self.vars["hidden_bias"]
@@ -199,7 +209,7 @@ def train_sgd_probe(
         decay_epochs=decay_epochs,
         decay_factor=decay_factor,
     )
-    model = _Head(head, x.shape[1], num_classes, hidden, seed)
+    model = Head(head, x.shape[1], num_classes, hidden, np.random.default_rng(seed))
     # float32, shared with x where possible (arrays.as_tensor): no [N, D] copy.
     features, labels = arrays.as_tensor(x, tf.float32), tf.constant(y)
     names = sorted(model.vars)
