@@ -554,9 +554,6 @@ def test_tiny_study_end_to_end_with_kill_resume_and_report(tmp_path):
         "'exemplar': ('demo/fashion_mnist_exemplar.gin',)}, "
         "'trunk': {'vgg19': (\"build_trunk.architecture = 'vgg19'\",)}, "
         "'seed': {'0': ('SEED = 0',), '1': ('SEED = 1',)}}",
-        "--gin_bindings=study.baselines = {'pixels': {'gin': "
-        "('demo/fashion_mnist_rotation.gin', \"linear_probe.features = 'pixels'\"),"
-        " 'export': False}}",
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
