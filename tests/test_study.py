@@ -615,3 +615,48 @@ def test_probe_scopes_name_every_registered_protocol():
     classes = {c.__name__ for c in protocols.REGISTRY.values()}
     # configurables wraps the classes in gin subclasses of the same name.
     assert {s[:-1] for s in spec_lib.PROBE_SCOPES} == classes | {"linear_probe"}
+
+
+def _signal_job(study_dir, kind="probe"):
+    job = {
+        "id": "c/probe-x",
+        "cell": "c",
+        "kind": kind,
+        "deps": [],
+        "fingerprint": "f",
+        "gin_files": [],
+        "gin_bindings": [],
+    }
+    state.write_job(study_dir, job)
+    return job["id"]
+
+
+@pytest.mark.parametrize("when", ["during_the_job", "after_the_job"])
+def test_a_sigterm_never_leaves_a_running_status(tmp_path, monkeypatch, when):
+    """SIGTERM in the job records ``interrupted``; SIGTERM after it ended (in
+    the session cleanup, where the last CI run caught one) keeps ``done``;
+    either way the chain stops and no status says ``running``."""
+    from revisit_tf.study import worker
+
+    study_dir = str(tmp_path)
+    job_id = _signal_job(study_dir)
+
+    def sigterm_self(*_):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here
+        raise AssertionError("SIGTERM was not delivered")
+
+    monkeypatch.setattr(
+        worker, "_run_main", sigterm_self if when == "during_the_job" else lambda *a: 0
+    )
+    monkeypatch.setattr(
+        worker, "_clear_session", sigterm_self if when == "after_the_job" else lambda: 0
+    )
+    before = signal.getsignal(signal.SIGTERM)
+    assert worker.run_chain(study_dir, [job_id]) == 1
+    status = state.read_status(study_dir, job_id)
+    expected = "interrupted" if when == "during_the_job" else "done"
+    assert status["state"] == expected, status
+    assert status["seconds"] >= 0 and status["ended"] >= status["started"]
+    # The handler run_chain installed is gone again.
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -112,41 +112,58 @@ def run_job(study_dir: str, job_id: str, *, write_status: bool = True) -> str:
         started=started,
         log=log,
     )
-    if record:
-        record(state="running", **common)
     argv = [f"--workdir={workdir}"]
     argv += [f"--gin_file={f}" for f in job["gin_files"]]
     argv += [f"--gin_bindings={b}" for b in job["gin_bindings"]]
     final: dict = {}
     try:
-        with _redirect_output(log):
-            print(f"== {time.strftime('%H:%M:%S')} job {job_id} ({job['kind']})")
-            print("== revisit-" + job["kind"], " ".join(repr(a) for a in argv))
-            try:
-                _run_main(job["kind"], argv)
-            except Interrupted:
-                raise
-            except _preempted_error() as e:  # the loop's own SIGTERM handler
-                raise Interrupted(str(e)) from e
-            except BaseException as e:  # SystemExit from argparse included
-                traceback.print_exc()
-                final = {"state": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
-            else:
-                final = {"state": "done"}
-            print(f"== {time.strftime('%H:%M:%S')} {final['state']}")
-    except Interrupted as e:
-        final = {"state": "interrupted", "error": f"interrupted by {e}"}
         if record:
-            record(**common, **final, ended=time.time())
+            record(state="running", **common)
+        try:
+            with _redirect_output(log):
+                print(f"== {time.strftime('%H:%M:%S')} job {job_id} ({job['kind']})")
+                print("== revisit-" + job["kind"], " ".join(repr(a) for a in argv))
+                try:
+                    _run_main(job["kind"], argv)
+                except Interrupted:
+                    raise
+                except _preempted_error() as e:  # the loop's own SIGTERM handler
+                    raise Interrupted(str(e)) from e
+                except BaseException as e:  # SystemExit from argparse included
+                    traceback.print_exc()
+                    error = f"{type(e).__name__}: {e}"[:2000]
+                    final = {"state": "failed", "error": error}
+                else:
+                    final = {"state": "done"}
+                print(f"== {time.strftime('%H:%M:%S')} {final['state']}")
+        finally:
+            _clear_session()
+    except Interrupted as e:
+        # A signal after the job ended (in the session cleanup, say) keeps
+        # the job's own outcome; one during it records "interrupted". Either
+        # way the status is written before the chain stops, never "running".
+        if not final:
+            final = {"state": "interrupted", "error": f"interrupted by {e}"}
+        _finish(record, common, final, results, lines_before)
         raise
-    finally:
-        _clear_session()
-    if lines_before is not None and final["state"] == "done":
-        final["results_lines"] = [lines_before, _count_lines(results)]
-    if record:
-        ended = time.time()
-        record(**common, **final, ended=ended, seconds=ended - started)
+    _finish(record, common, final, results, lines_before)
     return final["state"]
+
+
+def _finish(record, common: dict, final: dict, results: str, lines_before) -> None:
+    """Writes the job's final status with SIGTERM/SIGINT held until it is on
+    disk (a handler raising in the middle would leave ``running`` behind)."""
+    if not record:
+        return
+    held = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        if lines_before is not None and final["state"] == "done":
+            final["results_lines"] = [lines_before, _count_lines(results)]
+        ended = time.time()
+        record(**common, **final, ended=ended, seconds=ended - common["started"])
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def run_chain(
