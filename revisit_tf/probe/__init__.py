@@ -17,13 +17,18 @@ Modules, in data-flow order:
     endpoint, pooling, preprocessing, dataset, split); half-written or corrupt
     entries are detected and rebuilt;
   * ``subsets``: class-balanced, seeded, nested label subsets (Fig. 7);
-  * ``lbfgs``: whole-batch multinomial logistic regression, L-BFGS with TFP's
-    line search run on the logits, warm-started L2 path (the default probe);
-  * ``sharded``: the same objective summed over shards streamed from the
-    cache and reduced across a strategy's replicas (TFP ``lbfgs_minimize``);
-  * ``sgd``: the release's SGD protocol, linear or MLP head (ref. 8.4, 8.5;
-    Figs. 3, 8); ``knn``: cosine k-NN accuracy;
-  * ``protocols``: runs one protocol on one endpoint's cached splits;
+  * ``validation``, ``model``, ``objective``, ``precondition``, ``solver``,
+    ``sweep``: the L-BFGS probe by responsibility (input checks; fits and
+    results; ``J`` and its gradient; the eigen-preconditioner; one L-BFGS
+    driver with the line search on the logits; one L2 path that extends past
+    an edge pick), behind ``lbfgs`` (whole-batch) and ``shard_data`` /
+    ``sharded`` (streamed from the cache, reduced across replicas);
+  * ``lbfgs_path``: the ``lbfgs`` protocol's path, refit and test predictions;
+  * ``sgd``: the release's SGD protocol on cached features, linear or MLP
+    head (ref. 8.4, 8.5; Figs. 3, 8); ``augmented``: the same on crops
+    re-drawn at every step through the frozen export; ``knn``: cosine k-NN;
+  * ``protocols``: the registered protocols; runs one on one endpoint's
+    cached splits; ``online``: probes of the live trunk during pretraining;
   * ``predictions``: compact JSON encoding of per-example test predictions;
   * ``fingerprint``: the hash of everything that defines a protocol.
 """

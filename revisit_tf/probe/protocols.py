@@ -25,7 +25,8 @@ Protocols:
     scored on test. Whole-batch on one device when the training matrix fits
     ``max_resident_bytes`` and no strategy is given; otherwise streamed from
     the cache (``sharded.sweep_l2_sharded``) and reduced over the strategy's
-    replicas; the same L-BFGS driver and preconditioner either way.
+    replicas; the same L-BFGS driver and preconditioner either way
+    (``lbfgs_path.fit_path``).
   * ``sgd`` / ``mlp`` (``SgdProbe``, ``MlpProbe``): the release's SGD
     schedule with a linear or MLP head on cached central-crop features
     (``sgd.train_sgd_probe``; reference 8.4, 8.5), trained on train, scored
@@ -55,10 +56,18 @@ from typing import Any, ClassVar
 import numpy as np
 import tensorflow as tf
 
-from revisit_tf.probe import augmented, knn, lbfgs, predictions, sgd, sharded, subsets
+from revisit_tf.probe import (
+    augmented,
+    knn,
+    lbfgs,
+    lbfgs_path,
+    predictions,
+    sgd,
+    subsets,
+)
 from revisit_tf.probe import cache as cache_lib
 
-PRECISIONS = {"float32": tf.float32, "float64": tf.float64}
+PRECISIONS = lbfgs_path.PRECISIONS
 DEFAULT_L2_GRID = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
 _logger = logging.getLogger(__name__)
 
@@ -161,7 +170,7 @@ def _resident(entries: SplitEntries, rows, max_bytes: int, name: str):
 
 
 # Above this size the non-streaming protocols refuse the training matrix.
-RESIDENT_LIMIT_BYTES = 8 << 30
+RESIDENT_LIMIT_BYTES = lbfgs_path.RESIDENT_LIMIT_BYTES
 
 
 @register
@@ -225,169 +234,11 @@ class LbfgsProbe(Protocol):
         }
 
     def run(self, entries, rows, context):
-        return _run_lbfgs(self, entries, rows, context)
-
-
-def _run_lbfgs(
-    s: LbfgsProbe, entries: SplitEntries, rows, context: Context
-) -> dict[str, Any]:
-    """``LbfgsProbe.run``: the path on train/val, the refit, the test score."""
-    dtype = PRECISIONS[s.precision]
-    num_rows = entries.train.num_examples if rows is None else len(rows)
-    train_bytes = num_rows * entries.train.dim * dtype.size
-    sharded_path = context.strategy is not None or train_bytes > s.max_resident_bytes
-    val_x, val_y = (None, None)
-    label = str(entries.train.spec.get("endpoint", "")) if entries.train.spec else ""
-    if not sharded_path:
-        train_x, train_y = entries.arrays("train")
-        if rows is not None:
-            train_x, train_y = train_x[rows], train_y[rows]
-        val_x, val_y = entries.arrays("val")
-        num_classes = 1 + int(max(train_y.max(), val_y.max()))
-        sweep = lbfgs.sweep_l2(
-            train_x,
-            train_y,
-            val_x,
-            val_y,
-            l2_grid=s.l2_grid,
-            num_classes=num_classes,
-            standardize=s.standardize,
-            max_iterations=s.max_iterations,
-            tolerance=s.tolerance,
-            dtype=dtype,
-            solver=s.solver,
-            precondition=s.precondition and s.solver == "lbfgs",
-            extend=s.extend_l2,
-            label=label,
-        )
-        final, test_source = sweep, None
-        if s.refit_on_trainval:
-            final = _refit_whole(
-                sweep, train_x, train_y, val_x, val_y, num_classes, s, label
-            )
-        test_x, test_y = entries.arrays("test")
-        test_pred = final.predict(test_x)
-    else:
-        train = _source(entries.train, rows)
-        val = sharded.ShardSource.from_cache(entries.val)
-        test_source = sharded.ShardSource.from_cache(entries.test)
-        num_classes = 1 + int(max(train.labels.max(), val.labels.max()))
-        kwargs = dict(
-            num_classes=num_classes,
-            standardize=s.standardize,
-            max_iterations=s.max_iterations,
-            tolerance=s.tolerance,
-            dtype=dtype,
-            accumulate_dtype=PRECISIONS[s.accumulate_precision],
-            strategy=context.strategy,
-            solver_name=s.solver,
-            precondition=s.precondition and s.solver == "lbfgs",
-            label=label,
-        )
-        _logger.info(
-            "L-BFGS on %d x %d features (%.1f GB) streamed in %d shards%s.",
-            train.num_examples,
-            train.dim,
-            train_bytes / 1e9,
-            train.num_shards,
-            ""
-            if context.strategy is None
-            else f" over {context.strategy.num_replicas_in_sync} replicas",
-        )
-        sweep = sharded.sweep_l2_sharded(
-            train, val, l2_grid=s.l2_grid, extend=s.extend_l2, **kwargs
-        )
-        final = sweep
-        if s.refit_on_trainval:
-            both = sharded.ShardSource.concat([train, val])
-            final = sharded.sweep_l2_sharded(
-                both, val, l2_grid=[sweep.best_l2], extend=False, **kwargs
-            )
-        # Shard by shard: the test matrix is never held whole.
-        test_pred = sharded.result_predict(final, test_source)
-        test_y = test_source.labels
-    best, point = sweep.best, sweep.best_point
-    return {
-        "l2": best.l2,
-        "iterations": best.iterations,
-        "converged": bool(best.converged and final.best.converged),
-        "train_top1": point.train_top1,
-        "val_top1": point.val_top1,
-        **_scored(test_pred, test_y),
-        "refit_iterations": final.best.iterations if s.refit_on_trainval else None,
-        "streamed": sharded_path,
-        "l2_path": [
-            {
-                "l2": p.l2,
-                "train_top1": p.train_top1,
-                "val_top1": p.val_top1,
-                "iterations": p.iterations,
-                "seconds": p.seconds,
-                "extended": p.extended,
-            }
-            for p in sweep.table
-        ],
-        "l2_extended": list(sweep.l2_extended),
-        "tf32": final.best.tf32,
-        "warnings": list(sweep.warnings)
-        + (list(final.warnings) if final is not sweep else []),
-    }
-
-
-def _source(entry: cache_lib.CachedFeatures, rows) -> sharded.ShardSource:
-    """Streamed source of an entry, or (for a subset) its rows gathered once."""
-    if rows is None:
-        return sharded.ShardSource.from_cache(entry)
-    picked, labels, start = [], [], 0
-    for x, y in entry.iter_shards():
-        inside = rows[(rows >= start) & (rows < start + len(y))] - start
-        picked.append(x[inside])
-        labels.append(y[inside])
-        start += len(y)
-    return sharded.ShardSource.from_arrays(
-        np.concatenate(picked), np.concatenate(labels), rows_per_shard=1 << 16
-    )
-
-
-def _refit_whole(
-    sweep, train_x, train_y, val_x, val_y, num_classes, s: LbfgsProbe, label=""
-):
-    """The selected l2 refitted on train + val (new standardizer), warm-started."""
-    both_x = np.concatenate([train_x, val_x])
-    both_y = np.concatenate([train_y, val_y])
-    standardizer = lbfgs.Standardizer.fit(both_x) if s.standardize else None
-    z = standardizer.apply(both_x) if standardizer is not None else both_x
-    start = sweep.best
-    if standardizer is not None and sweep.standardizer is not None:
-        # Same model expressed on the new standardization: W' = diag(s'/s) W,
-        # b' = b + ((m' - m) / s) W, so the warm start is the selected fit.
-        old, new = sweep.standardizer, standardizer
-        weights = start.weights * (new.scale / old.scale)[:, None]
-        bias = start.bias + ((new.mean - old.mean) / old.scale) @ start.weights
-        start = lbfgs.ProbeParams(weights, bias)
-    fit = lbfgs.fit_logistic_regression(
-        z,
-        both_y,
-        num_classes=num_classes,
-        l2=sweep.best_l2,
-        max_iterations=s.max_iterations,
-        tolerance=s.tolerance,
-        initial=start,
-        dtype=PRECISIONS[s.precision],
-        solver=s.solver,
-        precondition=s.precondition and s.solver == "lbfgs",
-        label=label,
-    )
-    _logger.info(
-        "Refit on train+val (%d examples) at l2 %.1e: %d iterations, %.1fs.",
-        len(both_y),
-        fit.l2,
-        fit.iterations,
-        fit.seconds,
-    )
-    return lbfgs.SweepResult(
-        best=fit, table=[], standardizer=standardizer, warnings=list(fit.warnings)
-    )
+        fit = lbfgs_path.fit_path(self, entries, rows, strategy=context.strategy)
+        return {
+            **lbfgs_path.row_fields(fit, refit=self.refit_on_trainval),
+            **_scored(fit.test_predictions, fit.test_labels),
+        }
 
 
 @register
