@@ -10,6 +10,10 @@ reads them back, and solves the same multinomial logistic regression
   * ``ours_precond`` (not in the default list): the same with
     ``precondition=True`` (``X^T X`` preconditioner, the probe protocol's
     default; it pays off on correlated features, e.g. ``--data fmnist_relu``);
+  * ``ours_streamed`` (not in the default list): ``ours_precond``'s fit
+    streamed from the training split's cache entry (``sharded.fit_sharded``,
+    shards of ``--stream_shard_mb``); its rows give ``seconds_vs_whole_batch``
+    against ``ours_precond`` on the same data (goal: within 1.5x);
   * ``tfp``: the same with ``solver="tfp"`` (``tfp.optimizer.lbfgs_minimize``,
     the probe before this benchmark existed);
   * ``sklearn``: ``LogisticRegression(solver="lbfgs", C=C)``, float32 input,
@@ -35,10 +39,16 @@ budget from the cache (``probe/sharded.py``) in a child process, and reports
 its peak resident memory above the process's baseline next to the size of the
 feature matrix, and its loss against the whole-batch solver.
 
-Features: ``--data gaussian`` (default; class means ``spread * N(0, I)`` plus
-unit noise: well conditioned, like standardized trunk features) or
-``fmnist_relu`` (random ReLU features of Fashion-MNIST pixels: strongly
-correlated, ill conditioned; needs the idx files).
+``--path_size`` (off by default; ``imagenet`` = 256,000 x 2048, 1000
+classes) adds the L2-path row: the ``lbfgs`` protocol's whole default path and
+refit, streamed under a memory budget, against scikit-learn on the refit's
+one L2 at equal loss (``benchmarks/probe_path.py``).
+
+Features (``--data``, ``benchmarks/probe_data.py``): ``gaussian`` (default;
+well conditioned, like standardized trunk features), ``fmnist_relu`` (random
+ReLU features of Fashion-MNIST pixels: strongly correlated, ill conditioned)
+or ``fmnist_pixels`` (the standardized pixels themselves, ``--sizes
+60000x784 --classes 10``); the last two need the idx files.
 """
 
 from __future__ import annotations
@@ -50,13 +60,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from revisit_tf import files
+from revisit_tf.benchmarks import probe_data, probe_path
 
 _TEST_ROWS = 10_000
 # name -> (lbfgs solver, precondition) of our probe; "sklearn" is the baseline.
@@ -64,7 +74,11 @@ _OURS = {
     "ours": ("lbfgs", False),
     "ours_precond": ("lbfgs", True),
     "tfp": ("tfp", False),
+    "ours_streamed": ("lbfgs", True),
 }
+# Solvers of ours that stream the training split's cache entry shard by shard.
+_STREAMED = ("ours_streamed",)
+_STREAMED_OBJECTIVES: dict = {}  # (cache entry path, l2) -> ShardedObjective
 _SOLVERS = (*_OURS, "sklearn")
 _log = logging.getLogger("revisit_tf.benchmarks.probe")
 
@@ -95,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         help="training sizes NxD (default 60000x2048 60000x4096).",
     )
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--data", choices=("gaussian", "fmnist_relu"), default="gaussian")
+    p.add_argument("--data", choices=probe_data.KINDS, default="gaussian")
     p.add_argument("--spread", type=float, default=0.05, help="gaussian class spread")
     p.add_argument(
         "--l2", type=float, default=1e-3, help="penalty l2 = 1 / (C N) (default 1e-3)"
@@ -120,41 +134,25 @@ def _parser() -> argparse.ArgumentParser:
         default=256.0,
         help="streamed run on features 4x this size (0: skip).",
     )
+    p.add_argument(
+        "--stream_shard_mb",
+        type=float,
+        default=16.0,
+        help="shard size of the training split's cache entry (ours_streamed "
+        "streams it shard by shard; default 16 MB)",
+    )
     p.add_argument("--cache_dir", help="feature cache (default: a temp dir)")
     p.add_argument("--output", help="write the results as JSON here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--_stream_child", help=argparse.SUPPRESS)
+    probe_path.add_flags(p)
     return p
-
-
-def _features(args, n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic ``[n, d]`` float32 features and labels (see module doc)."""
-    rng = np.random.default_rng(seed)
-    if args.data == "gaussian":
-        centers = args.spread * np.random.default_rng(1234).normal(
-            size=(args.classes, d)
-        )
-        y = rng.integers(0, args.classes, size=n)
-        x = rng.standard_normal(size=(n, d), dtype=np.float32)
-        x += centers[y].astype(np.float32)
-        return x, y
-    from revisit_tf.data import idx
-
-    images, labels = idx.load_idx_dataset()["train"]
-    rows = rng.integers(0, len(labels), size=n)
-    pixels = images[rows].reshape(n, -1).astype(np.float32) / 255.0
-    proj = np.random.default_rng(1234).normal(size=(pixels.shape[1], d))
-    x = np.maximum(pixels @ (proj / np.sqrt(pixels.shape[1])).astype(np.float32), 0)
-    x -= x.mean(axis=0)
-    x /= x.std(axis=0) + 1e-6
-    return x.astype(np.float32), labels[rows].astype(np.int64)
 
 
 def _cached(
     args, cache_dir: str, n: int, d: int, seed: int, split: str, shard_bytes=None
 ):
-    from revisit_tf.probe import cache as cache_lib
-
+    """The cache entry of ``--data`` features of size ``n x d`` (built once)."""
     spec = {
         "benchmark": "probe",
         "data": args.data,
@@ -167,54 +165,43 @@ def _cached(
     }
 
     def build():
-        x, y = _features(args, n, d, seed)
-        for i in range(0, n, 8192):
-            yield {"features": x[i : i + 8192]}, y[i : i + 8192]
+        return probe_data.features(
+            args.data, n, d, classes=args.classes, spread=args.spread, seed=seed,
+            split=split,
+        )  # fmt: skip
 
-    cache = cache_lib.FeatureCache(
-        cache_dir, shard_bytes=shard_bytes or cache_lib.DEFAULT_SHARD_BYTES
-    )
-    return cache.get_or_build({"features": spec}, build)["features"]
-
-
-def _objective(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray, l2):
-    """``J`` in float64 NumPy, block by block (independent of every solver)."""
-    w, b = np.asarray(w, np.float64), np.asarray(b, np.float64)
-    total = 0.0
-    for i in range(0, len(y), 8192):
-        z = x[i : i + 8192].astype(np.float64) @ w + b
-        z -= z.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        total -= logp[np.arange(len(z)), y[i : i + 8192]].sum()
-    return total / len(y) + 0.5 * l2 * float(np.sum(w * w))
-
-
-def _top1(x, y, w, b) -> float:
-    z = x @ np.asarray(w, np.float32) + np.asarray(b, np.float32)
-    return float(np.mean(np.argmax(z, axis=1) == y))
-
-
-def _median_time(run, repeats: int) -> tuple[float, dict]:
-    """Runs ``run()`` ``repeats`` times; the median seconds and the last output."""
-    seconds, out = [], None
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        out = run()
-        seconds.append(time.perf_counter() - start)
-    return float(np.median(seconds)), out
+    return probe_data.cached_features(cache_dir, spec, build, shard_bytes=shard_bytes)
 
 
 def _run_ours(
     x, y, args, name: str, *, max_iterations: int = 1000, tolerance=None,
-    repeats: int | None = None, warmup: bool = True,
+    repeats: int | None = None, warmup: bool = True, entry=None,
 ) -> dict:  # fmt: skip
+    """One of ``_OURS`` on ``x [N, D]``, ``y [N]`` (``entry``: the same rows in
+    the feature cache, for the streamed solver)."""
     import tensorflow as tf
 
-    from revisit_tf.probe import lbfgs
+    from revisit_tf.probe import lbfgs, sharded
 
     solver, precondition = _OURS[name]
 
     def fit(iterations, tol):
+        if name in _STREAMED:
+            # Per fit, what a streamed fit pays for each l2 of a path: the Gram
+            # pass and eigendecomposition, two passes over the shards per
+            # iteration. The objective (its compiled per-shard functions) is
+            # built once per entry, as a path shares it across its l2s.
+            key = (entry.path, args.l2)
+            if key not in _STREAMED_OBJECTIVES:
+                _STREAMED_OBJECTIVES[key] = sharded.ShardedObjective(
+                    sharded.ShardSource.from_cache(entry), num_classes=args.classes,
+                    l2=args.l2, dtype=tf.float32,
+                )  # fmt: skip
+            objective = _STREAMED_OBJECTIVES[key]
+            return sharded.fit_sharded(
+                objective, tolerance=tol, max_iterations=iterations,
+                precondition=precondition,
+            )  # fmt: skip
         return lbfgs.fit_logistic_regression(
             x, y, num_classes=args.classes, l2=args.l2, tolerance=tol,
             max_iterations=iterations, dtype=tf.float32, solver=solver,
@@ -229,7 +216,7 @@ def _run_ours(
         fit(1, args.tolerance)
     overhead = time.perf_counter() - start if warmup else None
     tol = args.tolerance if tolerance is None else tolerance
-    seconds, out = _median_time(
+    seconds, out = probe_data.median_time(
         lambda: fit(max_iterations, tol), args.repeats if repeats is None else repeats
     )
     return {
@@ -262,7 +249,9 @@ def _run_sklearn(
             warnings.simplefilter("ignore")  # ConvergenceWarning at a capped max_iter
             return model.fit(x, y)
 
-    seconds, model = _median_time(fit, args.repeats if repeats is None else repeats)
+    seconds, model = probe_data.median_time(
+        fit, args.repeats if repeats is None else repeats
+    )
     return {
         "seconds": seconds,
         "iterations": int(np.max(model.n_iter_)),
@@ -278,16 +267,17 @@ def _scored(out: dict, x, y, tx, ty, args, **fields) -> dict:
     w, b = out.pop("weights"), out.pop("bias")
     out.update(
         fields,
-        loss=_objective(x, y, w, b, args.l2),
-        train_top1=_top1(x, y, w, b),
-        test_top1=_top1(tx, ty, w, b),
+        loss=probe_data.objective64(x, y, w, b, args.l2),
+        train_top1=probe_data.top1(x, y, w, b),
+        test_top1=probe_data.top1(tx, ty, w, b),
     )
     return out
 
 
 def _size_rows(args, cache_dir: str, n: int, d: int) -> tuple[list[dict], list[dict]]:
     t0 = time.perf_counter()
-    train = _cached(args, cache_dir, n, d, args.seed, "train")
+    shard_bytes = int(args.stream_shard_mb * 2**20)
+    train = _cached(args, cache_dir, n, d, args.seed, "train", shard_bytes)
     test = _cached(args, cache_dir, _TEST_ROWS, d, args.seed + 1, "test")
     x, y = train.load()
     tx, ty = test.load()
@@ -299,7 +289,7 @@ def _size_rows(args, cache_dir: str, n: int, d: int) -> tuple[list[dict], list[d
         if name == "sklearn":
             out = _run_sklearn(x, y, args)
         else:
-            out = _run_ours(x, y, args, name)
+            out = _run_ours(x, y, args, name, entry=train)
         rows.append(_scored(out, x, y, tx, ty, args, solver=name, size=size))
         seconds, iterations = out["seconds"], out["iterations"]
         _log.info("  %s: %.2fs, %d iterations.", name, seconds, iterations)
@@ -309,13 +299,26 @@ def _size_rows(args, cache_dir: str, n: int, d: int) -> tuple[list[dict], list[d
             r["speedup_vs_sklearn"] = base["seconds"] / r["seconds"]
             r["loss_rel_diff_vs_sklearn"] = (r["loss"] - base["loss"]) / base["loss"]
             r["test_top1_diff_vs_sklearn"] = r["test_top1"] - base["test_top1"]
+    _streamed_vs_whole(rows)
     equal = []
     if base is not None and any(r["solver"].startswith("ours") for r in rows):
-        equal = _equal_loss_rows(x, y, tx, ty, args, size, rows)
+        equal = _equal_loss_rows(x, y, tx, ty, args, size, rows, train)
+        _streamed_vs_whole(equal)
     return rows, equal
 
 
-def _equal_loss_rows(x, y, tx, ty, args, size: str, rows: list[dict]) -> list[dict]:
+def _streamed_vs_whole(rows: list[dict]) -> None:
+    """``seconds_vs_whole_batch`` of each streamed row: its seconds over those
+    of the whole-batch solver with the same settings (``ours_precond``)."""
+    whole = next((r for r in rows if r["solver"] == "ours_precond"), None)
+    for r in rows:
+        if r["solver"] in _STREAMED and whole is not None:
+            r["seconds_vs_whole_batch"] = r["seconds"] / whole["seconds"]
+
+
+def _equal_loss_rows(
+    x, y, tx, ty, args, size: str, rows: list[dict], entry
+) -> list[dict]:
     """Ours (each ``ours*`` solver run) and scikit-learn timed to the same loss.
 
     Default tolerances stop the two solvers at different losses (their
@@ -331,7 +334,7 @@ def _equal_loss_rows(x, y, tx, ty, args, size: str, rows: list[dict]) -> list[di
     names = [r["solver"] for r in rows if r["solver"].startswith("ours")]
     tight = _scored(
         _run_ours(x, y, args, names[0], tolerance=args.tolerance / 100, repeats=1,
-                  warmup=False),
+                  warmup=False, entry=entry),
         x, y, tx, ty, args,
     )  # fmt: skip
     best = min([tight["loss"]] + [r["loss"] for r in rows])
@@ -344,7 +347,7 @@ def _equal_loss_rows(x, y, tx, ty, args, size: str, rows: list[dict]) -> list[di
             if name in _OURS:
                 out = _run_ours(
                     x, y, args, name, max_iterations=k, tolerance=1e-12,
-                    repeats=repeats, warmup=False,
+                    repeats=repeats, warmup=False, entry=entry,
                 )  # fmt: skip
             else:
                 out = _run_sklearn(
@@ -399,34 +402,6 @@ def _reaching(run, target: float) -> tuple[int, dict]:
     raise RuntimeError(f"no run reached the target loss {target} in 4096 iterations.")
 
 
-class _RssSampler:
-    """Peak resident set size (``/proc/self/statm``), sampled every 10 ms."""
-
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def current(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def _run(self):
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self.current())
-
-    def __enter__(self):
-        self.peak = self.current()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
-
-
 def _stream_child(args) -> dict:
     """In a fresh process: streamed fit; peak RSS above the pre-fit baseline."""
     import tensorflow as tf
@@ -442,7 +417,7 @@ def _stream_child(args) -> dict:
     )
     # ru_maxrss is a maximum over the process's life (TensorFlow's start-up
     # dominates it), so the resident set is sampled during the fit instead.
-    sampler = _RssSampler()
+    sampler = probe_data.RssSampler()
     baseline = sampler.current()
     start = time.perf_counter()
     with sampler:
@@ -488,10 +463,10 @@ def _streamed_row(args, cache_dir: str) -> dict:
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     x, y = entry.load()
     with np.load(params) as p:
-        row["loss"] = _objective(x, y, p["weights"], p["bias"], args.l2)
-        row["train_top1"] = _top1(x, y, p["weights"], p["bias"])
+        row["loss"] = probe_data.objective64(x, y, p["weights"], p["bias"], args.l2)
+        row["train_top1"] = probe_data.top1(x, y, p["weights"], p["bias"])
     whole = _run_ours(x, y, args, "ours")
-    whole_loss = _objective(x, y, whole["weights"], whole["bias"], args.l2)
+    whole_loss = probe_data.objective64(x, y, whole["weights"], whole["bias"], args.l2)
     row.update(
         solver="ours streamed",
         size=f"{n}x{d}",
@@ -564,6 +539,14 @@ def _table(rows: list[dict], equal: list[dict], streamed: dict | None, args) -> 
                 f"{100 * r['test_top1_diff_vs_sklearn']:+.2f}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
+    for r in [*rows, *equal]:
+        if "seconds_vs_whole_batch" in r:
+            kind = "equal loss" if "iteration_cap" in r else "default tolerance"
+            lines.append(
+                f"\n{r['size']} {kind}: streamed {r['seconds']:.2f}s = "
+                f"{r['seconds_vs_whole_batch']:.2f}x the whole-batch ours_precond "
+                "(same data, same settings)."
+            )
     text = "\n".join(lines)
     if streamed:
         s = streamed
@@ -589,6 +572,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING)
         print(json.dumps(_stream_child(args)))
         return 0
+    if args._path_child:
+        logging.basicConfig(level=logging.WARNING)
+        print(json.dumps(probe_path.child(args)))
+        return 0
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
@@ -601,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows += size_rows
                 equal += size_equal
         streamed = _streamed_row(args, cache_dir) if args.stream_budget_mb > 0 else None
+        path = probe_path.path_row(args, cache_dir) if args.path_size else None
     result = {
         "settings": {
             "sizes": [f"{n}x{d}" for n, d in args.sizes],
@@ -612,12 +600,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "repeats": args.repeats,
             "equal_loss_rtol": args.equal_loss_rtol,
             "cpu_count": os.cpu_count(),
+            "path_size": args.path_size and "{}x{}".format(*args.path_size),
+            "path_classes": args.path_classes,
+            "sklearn_budget_s": args.sklearn_budget_s,
         },
         "rows": rows,
         "equal_loss": equal,
         "streamed": streamed,
+        "path": path,
     }
     print(_table(rows, equal, streamed, args))
+    if path is not None:
+        print("\n" + probe_path.table(path))
     if args.output:
         files.write_atomic(args.output, json.dumps(result, indent=1))
     return 0
