@@ -147,13 +147,13 @@ def test_log_level_flag_and_the_final_error_in_the_log(tmp_path):
     assert e.value.code == cli.EXIT_USAGE
 
 
-def _start_train(workdir, *bindings):
+def _start_train(workdir, *bindings, cwd=REPO):
     args = [sys.executable, "-m", "revisit_tf.cli", "train", "--workdir", workdir]
     args += ["--gin_file", DEMO, "--gin_file", "smoke.gin"]
     for b in bindings:
         args += ["--gin_bindings", b]
     return subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd
     )
 
 
@@ -169,8 +169,17 @@ def _wait_for_checkpoint(workdir, proc, min_step, timeout=180):
 
 
 def test_kill_and_resume(tmp_path):
-    """SIGTERM saves and exits; SIGKILL loses at most one interval; both resume."""
+    """SIGTERM saves and exits; SIGKILL loses at most one interval; both resume.
+
+    Also the workdir's one-writer lock through the binary: a second trainer
+    exits 75 naming the first, and the run after the SIGKILL takes the stale
+    lock over. Every run starts in a directory holding ``data/`` and
+    ``pretext/`` folders (issue 13 item 11: gin's include lookup crashed on
+    them)."""
     workdir = str(tmp_path / "run")
+    cwd = tmp_path / "cwd"
+    for name in ("data", "pretext"):
+        os.makedirs(cwd / name)
     total = 200
     bindings = (
         f"pretrain.steps = {total}",
@@ -180,8 +189,13 @@ def test_kill_and_resume(tmp_path):
     # 1. Preemption: SIGTERM -> checkpoint at the end of the current loop,
     # exit 75 (not finished: rerun), train_metrics.json marked incomplete, and
     # one checkpoint for the stop (the interval's, or the stop's own).
-    proc = _start_train(workdir, *bindings)
+    proc = _start_train(workdir, *bindings, cwd=cwd)
     _wait_for_checkpoint(workdir, proc, 4)
+    second = _start_train(workdir, *bindings, cwd=cwd)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == cli.EXIT_RERUN, out[-3000:]
+    assert f"pid {proc.pid}" in out and "in use by revisit-train" in out
+    assert proc.poll() is None, "the first trainer finished before the check"
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == cli.EXIT_RERUN == 75, out[-3000:]
@@ -203,17 +217,19 @@ def test_kill_and_resume(tmp_path):
     assert "Not finished (exit code 75): Preempted at step" in log
 
     # 2. A hard kill: the run resumes from the preempted step.
-    proc = _start_train(workdir, *bindings)
+    proc = _start_train(workdir, *bindings, cwd=cwd)
     killed_after = _wait_for_checkpoint(workdir, proc, preempted + 8)
     proc.kill()
     out, _ = proc.communicate(timeout=60)
     assert "Restored" in out and f"(step {preempted})" in out
     assert killed_after < total, "the run finished before it could be killed"
 
-    # 3. The last run resumes from the newest checkpoint and ends at `total`.
-    proc = _start_train(workdir, *bindings)
+    # 3. The last run takes the killed run's lock over, resumes from the
+    # newest checkpoint and ends at `total`.
+    proc = _start_train(workdir, *bindings, cwd=cwd)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
+    assert "taking over the stale lock" in out and "that process is gone" in out
     resumed = int(out.split("Restored ")[1].split("(step ")[1].split(")")[0])
     assert resumed >= killed_after
     assert f"step {total}/{total}" in out

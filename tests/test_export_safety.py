@@ -154,6 +154,9 @@ def export_run(workdir, **kwargs):
         "image_shape": (28, 28, 1),
         "random_init": True,
         "seed": 0,
+        # Drift and move-aside checks, not the consumers (test_export_consumers
+        # runs every one): the gate with the SavedModel consumer alone.
+        "parity_consumers": ("saved_model",),
         **kwargs,
     }
     return experiments.export_model(workdir, **arguments)

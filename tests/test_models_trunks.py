@@ -299,7 +299,9 @@ def _build(strategy, arch, weights=None, **kwargs):
 TRAIN_CONFIGS = (
     [(a, {}) for a in ARCHS] + [("revnet50", {"memory_saving": True})]
     if os.environ.get("REVISIT_TF_SLOW_TESTS") == "1"
-    else [("resnet50_v2", {}), ("vgg19", {}), ("revnet50", {"memory_saving": True})]
+    # One BN trunk (VGG19-BN's BN layers are the same synchronized layer) and
+    # the RevNet with its own gradient; REVISIT_TF_SLOW_TESTS=1 runs them all.
+    else [("resnet50_v2", {}), ("revnet50", {"memory_saving": True})]
 )
 
 _TWO_REPLICA_SCRIPT = """

@@ -1,6 +1,6 @@
 """Smoke chain run by tests/test_wheel_install.py inside a fresh environment.
 
-Usage: ``python wheel_smoke.py WORKDIR``, from a directory outside the source
+Usage: ``python wheel_smoke.py WORKDIR [all]``, from a directory outside the source
 tree. Trains Rotation from the shipped ``imagenet/rotation.gin`` with
 ``smoke.gin`` for 2 steps on ``tfds.testing.mock_data`` ImageNet, exports
 and probes it through the binaries' mains (``cli.run``), and prints one JSON
@@ -23,15 +23,18 @@ BINDINGS = [
     "linear_probe.val_split = 'train[16:24]'",
     "linear_probe.test_split = 'validation[:8]'",
     "linear_probe.batch_size = 8",
-    # All five of the export's consumers (smoke.gin checks two), at the floors.
-    "export_model.parity_consumers = ('saved_model', 'graph_session', "
-    "'tfsm_layer', 'hub_keras_layer', 'tflite')",
 ]
+# At the floors (``all``): every one of the export's consumers (smoke.gin
+# checks two; test_export_consumers checks all five at the pins).
+ALL_CONSUMERS = (
+    "export_model.parity_consumers = ('saved_model', 'graph_session', "
+    "'tfsm_layer', 'hub_keras_layer', 'tflite')"
+)
 
 
-def main(workdir: str) -> None:
+def main(workdir: str, consumers: str = "smoke") -> None:
     config = ["--gin_file", "imagenet/rotation.gin", "--gin_file", "smoke.gin"]
-    for binding in BINDINGS:
+    for binding in BINDINGS + ([ALL_CONSUMERS] if consumers == "all" else []):
         config += ["--gin_bindings", binding]
     codes = {}
     with tfds.testing.mock_data(num_examples=32):
@@ -69,4 +72,4 @@ def main(workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
