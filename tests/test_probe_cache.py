@@ -64,6 +64,35 @@ def test_round_trip_shards_and_reuse(tmp_path):
     assert build.calls == 2 and other["pre_logits"].path != entry.path
 
 
+def test_rereads_are_aligned_and_a_file_changed_in_use_stops_named(tmp_path):
+    """After its first (CRC-checked) read a shard is read straight into a
+    64-byte-aligned buffer, so a streamed probe shares it with TensorFlow;
+    a file rewritten meanwhile with another header is refused, not loaded."""
+    from revisit_tf.probe import arrays
+
+    x, y = _data()
+    cache = cache_lib.FeatureCache(tmp_path, shard_bytes=4096)
+    entry = cache.get_or_build({"pre_logits": SPEC}, _batches(x, y))["pre_logits"]
+    first, _ = entry.shard(3)
+    for _ in range(2):
+        again, labels = entry.shard(3)
+        np.testing.assert_array_equal(again, x[60:80])
+        np.testing.assert_array_equal(labels, y[60:80])
+        assert again.ctypes.data % arrays.ALIGNMENT == 0 and again.flags.writeable
+        assert again.ctypes.data != first.ctypes.data  # a fresh buffer per read
+    # Same size, other header: a float64 array of half the rows.
+    (name,) = [n for n in sorted(os.listdir(entry.path)) if "00003" in n]
+    path = os.path.join(entry.path, name)
+    size = os.path.getsize(path)
+    with open(path, "wb") as f:
+        np.save(f, np.zeros((10, 50), np.float64))
+    with open(path, "ab") as f:
+        f.write(b"\0" * (size - os.path.getsize(path)))
+    assert os.path.getsize(path) == size
+    with pytest.raises(cache_lib.CacheError, match="holds float64"):
+        entry.shard(3)
+
+
 def test_key_ignores_key_order_and_container_type():
     a = {"grid": (1, 2), "b": 1, "a": "x"}
     b = {"a": "x", "b": 1, "grid": [1, 2]}

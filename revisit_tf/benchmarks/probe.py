@@ -84,15 +84,7 @@ _log = logging.getLogger("revisit_tf.benchmarks.probe")
 
 
 def _parse_size(text: str) -> tuple[int, int]:
-    try:
-        n, d = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"a size is NxD, e.g. 60000x2048; got {text!r}."
-        ) from None
-    if n < 20 or d < 1:
-        raise argparse.ArgumentTypeError(f"size {text!r}: need N >= 20 and D >= 1.")
-    return n, d
+    return probe_path.parse_size(text, "a size")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -53,18 +53,21 @@ IMAGENET = (256_000, 2048)
 _log = logging.getLogger("revisit_tf.benchmarks.probe")
 
 
-def parse_path_size(text: str) -> tuple[int, int]:
-    """``NxD`` or ``imagenet`` (``256000x2048``) -> ``(N, D)``."""
-    if text.lower() == "imagenet":
+def parse_size(text: str, what: str = "--path_size") -> tuple[int, int]:
+    """``NxD`` (or, for ``--path_size``, ``imagenet``: 256000x2048) -> ``(N, D)``.
+
+    Raises:
+        argparse.ArgumentTypeError: not of that form, N < 20 or D < 1.
+    """
+    if what == "--path_size" and text.lower() == "imagenet":
         return IMAGENET
+    form = "NxD or 'imagenet'" if what == "--path_size" else "NxD, e.g. 60000x2048"
     try:
         n, d = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--path_size is NxD or 'imagenet'; got {text!r}."
-        ) from None
+        raise argparse.ArgumentTypeError(f"{what} is {form}; got {text!r}.") from None
     if n < 20 or d < 1:
-        raise argparse.ArgumentTypeError(f"--path_size {text!r}: need N >= 20, D >= 1.")
+        raise argparse.ArgumentTypeError(f"{what} {text!r}: need N >= 20 and D >= 1.")
     return n, d
 
 
@@ -72,7 +75,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     """The row's flags (module docstring)."""
     p.add_argument(
         "--path_size",
-        type=parse_path_size,
+        type=parse_size,
         help="run the L2-path row on NxD training features ('imagenet': "
         "256000x2048); off by default (hours on a CPU at that size).",
     )

@@ -517,16 +517,7 @@ def _check_npy(file: str, nbytes: int, shape: tuple[int, ...], dtype: np.dtype) 
         size = os.fstat(f.fileno()).st_size
         if size != nbytes:
             raise CacheError(f"{file}: {size} bytes; the manifest says {nbytes} bytes.")
-        try:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            file_shape, fortran, file_dtype = read_header(f)
-        except (ValueError, OSError) as e:
-            raise CacheError(f"{file}: not a readable .npy file ({e}).") from None
+        file_shape, fortran, file_dtype = _read_npy_header(f, file)
         data_start = f.tell()
     if tuple(file_shape) != shape:
         axes = "(rows, columns)" if len(shape) == 2 else "(rows,)"
@@ -545,6 +536,46 @@ def _check_npy(file: str, nbytes: int, shape: tuple[int, ...], dtype: np.dtype) 
             f"{file}: {size} bytes, but its header ({shape} {np.dtype(dtype)}) "
             f"needs {expected}."
         )
+
+
+def _read_npy_header(f, file: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` of the ``.npy`` header at ``f``'s
+    position; ``f`` is left at the first data byte."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read_header(f)
+    except (ValueError, OSError) as e:
+        raise CacheError(f"{file}: not a readable .npy file ({e}).") from None
+    return tuple(shape), fortran, dtype
+
+
+def _read_aligned(f, file: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """The ``.npy`` array of open file ``f`` read straight into an aligned buffer.
+
+    One copy from the page cache (``readinto``), no second one: the result
+    is ``arrays.aligned_empty``, which a streamed probe hands to TensorFlow
+    without copying it again (``arrays.as_tensor``).
+    """
+    header_shape, fortran, header_dtype = _read_npy_header(f, file)
+    if header_shape != tuple(shape) or header_dtype != np.dtype(dtype) or fortran:
+        raise CacheError(
+            f"{file}: holds {header_dtype} {header_shape}; the manifest says "
+            f"{np.dtype(dtype)} {tuple(shape)}."
+        )
+    out = arrays.aligned_empty(tuple(shape), dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise CacheError(f"{file}: {got} of {len(view)} data bytes (truncated).")
+        got += n
+    return out
 
 
 class CachedFeatures:
@@ -646,7 +677,7 @@ class CachedFeatures:
             if name in self._verified:
                 if os.fstat(f.fileno()).st_size != info["bytes"]:
                     raise CacheError(f"{file}: size changed while in use.")
-                array = np.load(f, allow_pickle=False)
+                array = _read_aligned(f, file, shape, dtype)
             else:
                 content = f.read(info["bytes"] + 1)
                 if (

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
-from revisit_tf.probe import model, solver
+from revisit_tf.probe import arrays, model, solver
 
 
 @functools.cache
@@ -213,10 +213,16 @@ class ShardData:
     def _place(self, group):
         """``(x, y)`` of one round on the replicas' devices, x standardized."""
         np_dtype = self.compute_dtype.as_numpy_dtype
+        dtype, streamed = self.compute_dtype, self.source.streamed
 
         def tensors(index):
             x, y = group[index]
-            return tf.constant(np.asarray(x, np_dtype)), tf.constant(y, tf.int32)
+            x = np.asarray(x, np_dtype)
+            # A streamed shard is a fresh (aligned) buffer per read: shared
+            # with TensorFlow, not copied. Resident shards are views of the
+            # caller's arrays: copied once.
+            x = arrays.as_tensor(x, dtype) if streamed else tf.constant(x)
+            return x, tf.constant(y, tf.int32)
 
         if self.strategy is None:
             x, y = tensors(0)
