@@ -171,8 +171,9 @@ def _wait_for_checkpoint(workdir, proc, min_step, timeout=180):
 def test_kill_and_resume(tmp_path):
     """SIGTERM saves and exits; SIGKILL loses at most one interval; both resume.
 
-    Also the workdir's one-writer lock through the binary: a second trainer
-    exits 75 naming the first, and the run after the SIGKILL takes the stale
+    Also the workdir's one-writer lock through the binary: a second trainer,
+    started while the first is stopped (SIGSTOP) holding the lock, exits 75
+    naming the first, and the run after the SIGKILL takes the stale
     lock over. Every run starts in a directory holding ``data/`` and
     ``pretext/`` folders (issue 13 item 11: gin's include lookup crashed on
     them)."""
@@ -191,11 +192,16 @@ def test_kill_and_resume(tmp_path):
     # one checkpoint for the stop (the interval's, or the stop's own).
     proc = _start_train(workdir, *bindings, cwd=cwd)
     _wait_for_checkpoint(workdir, proc, 4)
-    second = _start_train(workdir, *bindings, cwd=cwd)
-    out, _ = second.communicate(timeout=300)
+    # Held (SIGSTOP) while a second trainer tries the workdir: the lock is
+    # the first's whatever the speed of either.
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        second = _start_train(workdir, *bindings, cwd=cwd)
+        out, _ = second.communicate(timeout=300)
+    finally:
+        proc.send_signal(signal.SIGCONT)
     assert second.returncode == cli.EXIT_RERUN, out[-3000:]
     assert f"pid {proc.pid}" in out and "in use by revisit-train" in out
-    assert proc.poll() is None, "the first trainer finished before the check"
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == cli.EXIT_RERUN == 75, out[-3000:]
