@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -91,6 +92,61 @@ def test_rereads_are_aligned_and_a_file_changed_in_use_stops_named(tmp_path):
     assert os.path.getsize(path) == size
     with pytest.raises(cache_lib.CacheError, match="holds float64"):
         entry.shard(3)
+
+
+def test_mapped_shards_equal_reads_share_memory_and_a_changed_file_stops_named(
+    tmp_path,
+):
+    """``mapped_shard`` maps each file once (its CRC-32 checked on the mapped
+    bytes), returns the same rows as ``shard`` without a copy, and refuses a
+    file that was rewritten in place, replaced or removed since it was mapped
+    (reading a truncated mapping would be a SIGBUS, not an error)."""
+    from revisit_tf.probe import arrays
+
+    x, y = _data()
+    cache = cache_lib.FeatureCache(tmp_path, shard_bytes=4096)
+    entry = cache.get_or_build({"pre_logits": SPEC}, _batches(x, y))["pre_logits"]
+    first, labels = entry.mapped_shard(3)
+    np.testing.assert_array_equal(first, x[60:80])
+    np.testing.assert_array_equal(labels, y[60:80])
+    assert arrays.is_shareable(first)  # aligned, writeable (private), float32
+    again, _ = entry.mapped_shard(3)
+    assert again.ctypes.data == first.ctypes.data  # the same mapping, no copy
+    mapped = np.concatenate([entry.mapped_shard(i)[0] for i in range(15)])
+    np.testing.assert_array_equal(mapped, x)
+
+    def path(index):
+        return os.path.join(entry.path, f"shard-{index:05d}.npy")
+
+    # A file corrupted before it is mapped (here by a fresh reader of the entry):
+    # the CRC-32 of the mapped bytes.
+    with open(path(5), "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    with pytest.raises(cache_lib.CacheError, match="CRC-32 mismatch"):
+        cache_lib.CachedFeatures(entry.path).mapped_shard(5)
+    # Rewritten in place, same size and header: the mapping would change.
+    entry.mapped_shard(4)
+    content = open(path(4), "rb").read()
+    time.sleep(0.01)
+    with open(path(4), "r+b") as f:
+        f.write(content)
+    with pytest.raises(cache_lib.CacheError, match="replaced or modified"):
+        entry.mapped_shard(4)
+    # Replaced by another file (a rename), then removed.
+    entry.mapped_shard(6)
+    with open(path(6) + ".new", "wb") as f:
+        f.write(open(path(6), "rb").read())
+    os.replace(path(6) + ".new", path(6))
+    with pytest.raises(cache_lib.CacheError, match="replaced or modified"):
+        entry.mapped_shard(6)
+    os.remove(path(7))
+    with pytest.raises(cache_lib.CacheError, match="missing"):
+        entry.mapped_shard(7)
+    with pytest.raises(IndexError):
+        entry.mapped_shard(15)
 
 
 def test_key_ignores_key_order_and_container_type():

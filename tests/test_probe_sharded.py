@@ -28,7 +28,7 @@ def _two_cpu_strategy():
     return tf.distribute.MirroredStrategy([d.name for d in cpus[:2]])
 
 
-def _cached_source(tmp_path, x, y, shard_bytes=4096):
+def _cached_source(tmp_path, x, y, shard_bytes=4096, mapped=True):
     cache = cache_lib.FeatureCache(tmp_path / "cache", shard_bytes=shard_bytes)
     spec = {"endpoint": "e", "split": "train"}
     entry = cache.get_or_build(
@@ -36,7 +36,7 @@ def _cached_source(tmp_path, x, y, shard_bytes=4096):
         lambda: [({"e": x[i : i + 50]}, y[i : i + 50]) for i in range(0, len(y), 50)],
     )["e"]
     assert entry.num_shards > 3
-    return sharded.ShardSource.from_cache(entry)
+    return sharded.ShardSource.from_cache(entry, mapped=mapped)
 
 
 @pytest.mark.parametrize(
@@ -68,6 +68,54 @@ def test_streamed_objective_equals_whole_batch(tmp_path, dtype, accumulate, rtol
     assert float(s_value) == pytest.approx(value, rel=rtol)
     scale = np.max(np.abs(expected))
     np.testing.assert_allclose(s_grad.numpy(), expected, rtol=rtol, atol=rtol * scale)
+
+
+def test_in_graph_and_round_by_round_solves_take_the_same_steps(
+    tmp_path, monkeypatch
+):
+    """Mapped and resident shards run the solve as one graph; copied shards
+    (``mapped=False``), and mapped ones past the memory limit, run it round by
+    round. All take the same steps (same iterations and passes) to the same
+    minimiser, the whole-batch solver's, with standardizer and preconditioner."""
+    from revisit_tf.probe import shard_data
+
+    x, y = _data(6)
+    x = x.astype(np.float32)
+    mapped = _cached_source(tmp_path, x, y)
+    copied = _cached_source(tmp_path, x, y, mapped=False)
+    resident = sharded.ShardSource.from_arrays(x, y, rows_per_shard=80)
+    standardizer = sharded.fit_standardizer(resident)
+
+    def fit(source):
+        objective = sharded.ShardedObjective(
+            source, num_classes=4, l2=1e-3, standardizer=standardizer
+        )
+        passes = objective.data.passes
+        out = sharded.fit_sharded(objective, tolerance=1e-7, precondition=True)
+        # fit_sharded's own passes: the Gram matrix, max |x| and the solve.
+        return objective.data.in_graph(), out, objective.data.passes - passes
+
+    runs = {name: fit(src) for name, src in [("mapped", mapped), ("copied", copied)]}
+    runs["resident"] = fit(resident)
+    monkeypatch.setattr(shard_data, "available_memory", lambda: mapped.nbytes)
+    runs["over_limit"] = fit(mapped)  # 4 N D > 0.5 x the memory available
+    assert {k: v[0] for k, v in runs.items()} == {
+        "mapped": True,
+        "copied": False,
+        "resident": True,
+        "over_limit": False,
+    }
+    ref = runs["copied"][1]
+    assert ref.converged and ref.iterations > 10
+    for name, (_, out, passes) in runs.items():
+        assert out.converged, name
+        assert (out.iterations, passes) == (ref.iterations, runs["copied"][2]), name
+        np.testing.assert_allclose(out.weights, ref.weights, rtol=1e-5, atol=1e-6)
+    whole = lbfgs.fit_logistic_regression(
+        standardizer.apply(x), y, l2=1e-3, tolerance=1e-7, dtype=tf.float64
+    )
+    np.testing.assert_allclose(ref.weights, whole.weights, atol=2e-5)
+    assert ref.loss == pytest.approx(whole.loss, rel=1e-6)  # float32 products
 
 
 def test_two_replicas_equal_one_device_objective_and_fit():

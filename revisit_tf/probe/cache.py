@@ -63,6 +63,7 @@ import io
 import itertools
 import json
 import logging
+import mmap
 import os
 import secrets
 import shutil
@@ -554,6 +555,17 @@ def _read_npy_header(f, file: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     return tuple(shape), fortran, dtype
 
 
+def _expect_header(f, file: str, shape: tuple[int, ...], dtype) -> None:
+    """Reads ``f``'s ``.npy`` header (``f`` left at the first data byte) and
+    checks it holds C-ordered ``dtype`` ``shape``."""
+    header_shape, fortran, header_dtype = _read_npy_header(f, file)
+    if header_shape != tuple(shape) or header_dtype != np.dtype(dtype) or fortran:
+        raise CacheError(
+            f"{file}: holds {header_dtype} {header_shape}; the manifest says "
+            f"{np.dtype(dtype)} {tuple(shape)}."
+        )
+
+
 def _read_aligned(f, file: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     """The ``.npy`` array of open file ``f`` read straight into an aligned buffer.
 
@@ -561,12 +573,7 @@ def _read_aligned(f, file: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     is ``arrays.aligned_empty``, which a streamed probe hands to TensorFlow
     without copying it again (``arrays.as_tensor``).
     """
-    header_shape, fortran, header_dtype = _read_npy_header(f, file)
-    if header_shape != tuple(shape) or header_dtype != np.dtype(dtype) or fortran:
-        raise CacheError(
-            f"{file}: holds {header_dtype} {header_shape}; the manifest says "
-            f"{np.dtype(dtype)} {tuple(shape)}."
-        )
+    _expect_header(f, file, shape, dtype)
     out = arrays.aligned_empty(tuple(shape), dtype)
     view = memoryview(out.reshape(-1).view(np.uint8))
     got = 0
@@ -576,6 +583,32 @@ def _read_aligned(f, file: str, shape: tuple[int, ...], dtype) -> np.ndarray:
             raise CacheError(f"{file}: {got} of {len(view)} data bytes (truncated).")
         got += n
     return out
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is replaced, resized or written to."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _map_npy(file: str, size: int, shape: tuple[int, ...], dtype):
+    """``(_identity, array, mmap)`` of a private mapping of the ``.npy`` file
+    ``file`` (``size`` bytes), its array checked to be ``shape``."""
+    try:
+        fd = _open_regular(file)
+    except FileNotFoundError:
+        raise CacheError(f"{file}: missing (removed while in use).") from None
+    except UnsafeFileError as e:
+        raise CacheError(str(e)) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if st.st_size != size:
+            raise CacheError(f"{file}: size changed while in use.")
+        _expect_header(f, file, shape, dtype)
+        offset = f.tell()
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    count = int(np.prod(shape, dtype=np.int64))
+    array = np.frombuffer(mapping, dtype, count=count, offset=offset).reshape(shape)
+    return _identity(st), array, mapping
 
 
 class CachedFeatures:
@@ -641,6 +674,8 @@ class CachedFeatures:
         self._starts = list(itertools.accumulate(self.shard_rows, initial=0))
         self._labels: np.ndarray | None = None
         self._verified: set[str] = set()
+        # name -> (file identity (_identity), array viewing the mapping, mmap).
+        self._maps: dict[str, tuple[tuple[int, ...], np.ndarray, Any]] = {}
 
     @property
     def num_shards(self) -> int:
@@ -716,6 +751,56 @@ class CachedFeatures:
         x = self._read(name, info, (self.shard_rows[index], self.dim), np.float32)
         start = self._starts[index]
         return x, self.labels[start : start + x.shape[0]]
+
+    def mapped_shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shard ``index`` as a memory map of its file: ``shard`` without a copy.
+
+        The first call maps the file for the life of this object and checks
+        the CRC-32 of the mapped bytes. Later calls cost a ``stat``:
+        a streamed probe's passes then read the page cache in place instead of
+        copying it (on a 2-core CPU a pass of ``X W`` over 60000 x 784 went from
+        0.070 s to 0.030 s, against 0.028 s for the same shards in memory;
+        ``revisit-benchmark probe``), and the pages are the kernel's (clean
+        file pages, reclaimed under memory pressure and read again from disk),
+        not this process's private memory. ``MADV_WILLNEED`` starts the
+        kernel's read-ahead of the shard at every call.
+
+        The mapping is private (copy-on-write), so the array is writeable and
+        ``arrays.as_tensor`` shares it with TensorFlow; nothing writes to it.
+        Reading a mapped file that was truncated would kill the process
+        (SIGBUS) and one rewritten in place would change under the mapping, so
+        every call checks that the path is still the mapped file, unmodified
+        (device, inode, size, modification and change times), and raises
+        ``CacheError`` otherwise. Prefer
+        ``shard`` on filesystems whose read errors would surface as SIGBUS
+        (network filesystems).
+
+        Raises:
+            IndexError: bad index.
+            CacheError: as ``shard``, or the file changed since it was mapped.
+        """
+        if not 0 <= index < self.num_shards:
+            raise IndexError(f"shard {index} of {self.num_shards}.")
+        name, info = self._shards[index]
+        file = os.path.join(self.path, name)
+        shape = (self.shard_rows[index], self.dim)
+        if name not in self._maps:
+            mapped = _map_npy(file, info["bytes"], shape, np.float32)
+            if zlib.crc32(mapped[2]) != info["crc32"]:  # the mapped bytes
+                raise CacheError(f"{file}: CRC-32 mismatch (corrupt file).")
+            self._verified.add(name)
+            self._maps[name] = mapped
+        identity, array, mapping = self._maps[name]
+        try:
+            st = os.stat(file)
+        except FileNotFoundError:
+            raise CacheError(f"{file}: missing (removed while in use).") from None
+        if _identity(st) != identity:
+            raise CacheError(f"{file}: replaced or modified while mapped.")
+        if hasattr(mmap, "MADV_WILLNEED"):
+            mapping.madvise(mmap.MADV_WILLNEED)
+        start = self._starts[index]
+        return array, self.labels[start : start + shape[0]]
 
     def iter_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields every shard in row order (see ``shard``)."""

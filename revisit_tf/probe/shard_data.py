@@ -28,6 +28,7 @@ over rows and shards, and the L-BFGS state is in ``accumulate_dtype``.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -118,11 +119,134 @@ def _shard_functions(dtype: tf.DType, acc: tf.DType) -> dict:
     }
 
 
-class ShardData:
+# ``ShardData.minimize`` runs in one graph over mapped files up to this
+# fraction of the memory available (``available_memory``): all their pages may
+# be touched by one pass's parallel shard products. Larger sources run round by
+# round, with the kernel's read-ahead started one shard ahead.
+IN_GRAPH_MAPPED_FRACTION = 0.5
+
+
+def available_memory() -> int:
+    """Bytes of memory available (``MemAvailable`` of ``/proc/meminfo``, else
+    the physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class _ShardTerms:
+    """The driver's per-shard terms (``solver.minimize``'s data interface).
+
+    Subclasses give ``rounds()`` (``(x, y)`` per round, one pass), ``_labels``
+    (``y`` per round), ``_run``, ``_sum``, ``cond``, ``while_loop``,
+    ``line_search``, ``two_loop`` and ``num_examples``; ``Z``/``Zd`` are lists
+    with one ``[n_s, C]`` tensor per round.
+    """
+
+    _fn: dict
+
+    def _run(self, fn, *args):
+        return fn(*args)
+
+    def _sum(self, value):
+        return value
+
+    def _sums(self, parts) -> list:
+        totals = None
+        for part in parts:
+            part = [self._sum(v) for v in part]
+            totals = (
+                part
+                if totals is None
+                else [a + b for a, b in zip(totals, part, strict=True)]
+            )
+        return totals
+
+    def logits(self, w, b):
+        return [self._run(self._fn["logits"], x, w, b) for x, _ in self.rounds()]
+
+    direction = logits
+
+    def advance(self, z, zd, t):
+        return [
+            self._run(self._fn["advance"], a, b, t) for a, b in zip(z, zd, strict=True)
+        ]
+
+    def line(self, z, zd, t):
+        parts = (
+            self._run(self._fn["line"], a, b, y, t)
+            for a, b, y in zip(z, zd, self._labels, strict=True)
+        )
+        return tuple(self._sums(parts))
+
+    def gradient(self, z):
+        parts = (
+            self._run(self._fn["gradient"], x, y, zi)
+            for (x, y), zi in zip(self.rounds(), z, strict=True)
+        )
+        ce, grad_x, grad_b = self._sums(parts)
+        n = self.num_examples
+        return ce / n, grad_x / n, grad_b / n
+
+    def fresh_gradient(self, w, b):
+        z, parts = [], []
+        for x, y in self.rounds():
+            zi, *sums = self._run(self._fn["fresh"], x, y, w, b)
+            z.append(zi)
+            parts.append(sums)
+        ce, grad_x, grad_b = self._sums(parts)
+        n = self.num_examples
+        return z, ce / n, grad_x / n, grad_b / n
+
+
+class _InGraph(_ShardTerms):
+    """``_ShardTerms`` over every shard at once, inside one ``tf.function``.
+
+    ``xs``/``ys``: one ``[n_s, D]`` / ``[n_s]`` tensor per shard (mapped or
+    resident, no copy); ``standardizer``: ``(mean, scale)`` applied to a shard
+    where it is used (never to all of them at once), or None.
+    """
+
+    def __init__(self, fn, xs, ys, standardizer, num_examples, num_classes, dtype):
+        self._fn, self._xs, self._labels = fn, list(xs), list(ys)
+        self._standardizer = standardizer
+        self.num_examples, self.num_classes, self.dtype = (
+            num_examples,
+            num_classes,
+            dtype,
+        )
+
+    def rounds(self):
+        for x, y in zip(self._xs, self._labels, strict=True):
+            if self._standardizer is not None:
+                x = self._fn["standardize"](x, *self._standardizer)
+            yield x, y
+
+    def constant_logits(self, b):
+        return [self._fn["constant"](y, b) for y in self._labels]
+
+    def line_search(self, z, zd, *scalars):
+        return solver.line_search(self.line, self.num_examples, z, zd, *scalars)
+
+    two_loop = staticmethod(solver.two_loop_direction)
+    cond = staticmethod(tf.cond)
+    while_loop = staticmethod(solver.ResidentData.while_loop)
+
+
+class ShardData(_ShardTerms):
     """``solver.minimize``'s data access over a ``sharded.ShardSource`` (eager).
 
     ``Z``/``Zd`` are lists with one ``[n_s, C]`` tensor per round (a
-    per-replica value under a strategy).
+    per-replica value under a strategy). Without a strategy, over shards that
+    need no copy (resident, or memory-mapped files that fit in the memory
+    available), ``minimize`` runs the whole solve as one ``tf.function``
+    (``in_graph``, ``minimize``), as the whole-batch path does; otherwise it
+    runs eagerly, round by round.
 
     Example:
         >>> data = ShardData(source, num_classes=10, standardizer=s)
@@ -180,6 +304,7 @@ class ShardData:
                 self._line_search,
                 solver.two_loop_direction,
             )
+        self._graph_solve = None
         self._resident = None
         if not source.streamed:
             self._resident = list(self._placed_rounds())
@@ -249,17 +374,6 @@ class ShardData:
                 self._labels.append(y)
             yield x, y
 
-    def _sums(self, parts) -> list:
-        totals = None
-        for part in parts:
-            part = [self._sum(v) for v in part]
-            totals = (
-                part
-                if totals is None
-                else [a + b for a, b in zip(totals, part, strict=True)]
-            )
-        return totals
-
     # -- the driver's interface (solver.minimize) ---------------------------
 
     def constant_logits(self, b):
@@ -271,42 +385,6 @@ class ShardData:
 
     def _num_rounds(self) -> int:
         return -(-self.source.num_shards // self.num_replicas)
-
-    def logits(self, w, b):
-        return [self._run(self._fn["logits"], x, w, b) for x, _ in self.rounds()]
-
-    direction = logits
-
-    def advance(self, z, zd, t):
-        return [
-            self._run(self._fn["advance"], a, b, t) for a, b in zip(z, zd, strict=True)
-        ]
-
-    def line(self, z, zd, t):
-        parts = (
-            self._run(self._fn["line"], a, b, y, t)
-            for a, b, y in zip(z, zd, self._labels, strict=True)
-        )
-        return tuple(self._sums(parts))
-
-    def gradient(self, z):
-        parts = (
-            self._run(self._fn["gradient"], x, y, zi)
-            for (x, y), zi in zip(self.rounds(), z, strict=True)
-        )
-        ce, grad_x, grad_b = self._sums(parts)
-        n = self.num_examples
-        return ce / n, grad_x / n, grad_b / n
-
-    def fresh_gradient(self, w, b):
-        z, parts = [], []
-        for x, y in self.rounds():
-            zi, *sums = self._run(self._fn["fresh"], x, y, w, b)
-            z.append(zi)
-            parts.append(sums)
-        ce, grad_x, grad_b = self._sums(parts)
-        n = self.num_examples
-        return z, ce / n, grad_x / n, grad_b / n
 
     def _line_search(self, z, zd, *scalars):
         return solver.line_search(self.line, self.num_examples, z, zd, *scalars)
@@ -320,6 +398,73 @@ class ShardData:
         while bool(cond(state)):
             state = body(state)
         return state
+
+    # -- the whole solve in one graph ---------------------------------------
+
+    def in_graph(self) -> bool:
+        """Whether ``minimize`` runs as one ``tf.function``: no strategy, and
+        shards that need no copy (resident, or memory-mapped files taking at
+        most ``IN_GRAPH_MAPPED_FRACTION`` of the memory available)."""
+        if self.strategy is not None:
+            return False
+        if not self.source.streamed:
+            return True
+        return (
+            self.source.mapped
+            and self.source.nbytes <= IN_GRAPH_MAPPED_FRACTION * available_memory()
+        )
+
+    def minimize(
+        self,
+        position: tf.Tensor,
+        *,
+        l2: tf.Tensor,
+        tolerance: tf.Tensor,
+        max_iterations: tf.Tensor,
+        coordinates: solver.Coordinates,
+    ) -> dict[str, tf.Tensor]:
+        """``solver.minimize`` on this data (same arguments and result).
+
+        In one graph if ``in_graph()`` (like the whole-batch path: no Python
+        between the passes, one trace per ``ShardData`` and preconditioner
+        variant), else eagerly round by round. Either way ``passes`` counts
+        the passes over the shards.
+        """
+        args = dict(l2=l2, tolerance=tolerance, max_iterations=max_iterations)
+        if not self.in_graph():
+            return solver.minimize(self, position, coordinates=coordinates, **args)
+        if self._resident is not None:
+            xs, ys = zip(*self._resident, strict=True)
+            standardizer = None  # standardized when placed
+        else:
+            dtype = self.compute_dtype
+            shards = list(self.source.iter_shards())
+            xs = [
+                arrays.as_tensor(np.asarray(x, dtype.as_numpy_dtype), dtype)
+                for x, _ in shards
+            ]
+            ys = [tf.constant(y, tf.int32) for _, y in shards]
+            standardizer = self._standardizer
+        if self._graph_solve is None:
+            self._graph_solve = self._graph_solver(standardizer)
+        out = self._graph_solve(
+            list(xs), list(ys), position, coordinates.terms, coordinates.full, **args
+        )
+        # A pass for Z (none from W = 0), one for the first gradient, then two
+        # per iteration (Zd, and X^T R or a fresh Z with it).
+        start = 0 if bool(tf.reduce_all(tf.equal(position, 0))) else 1
+        self.passes += start + 1 + 2 * int(out["iterations"])
+        return out
+
+    def _graph_solver(self, standardizer):
+        fn, meta = self._fn, (self.num_examples, self.num_classes, self.dtype)
+
+        def solve(xs, ys, position, terms, full, **args):
+            data = _InGraph(fn, xs, ys, standardizer, *meta)
+            coordinates = solver.Coordinates(terms, full)
+            return solver.minimize(data, position, coordinates=coordinates, **args)
+
+        return tf.function(solve, reduce_retracing=True)
 
     # -- one-pass statistics ------------------------------------------------
 

@@ -9,10 +9,14 @@ honest flags, optional eigen-preconditioner) run over shards through
 costs two passes over the shards, like the whole-batch path. Shards are
 either resident (held once, standardized, placed on their replica) or
 streamed from a ``cache.CachedFeatures`` entry at every pass, reading the next
-shard while the current one is processed; then memory holds a few shards and
-the ``[N, C]`` logits, never the ``[N, D]`` matrix: about 7 shard-sized
-buffers, so pick the cache's ``shard_bytes`` below an eighth of the memory to
-spare (``revisit-benchmark probe`` measures the peak). Under a
+shard while the current one is processed. Streamed shards are memory maps of
+the cache's files by default (the page cache read in place, no copy; its pages
+are the kernel's, reclaimable, not the process's), or copies read at every
+pass (``from_cache(mapped=False)``); either way the process's own memory holds
+the ``[N, C]`` logits and a few shard-sized temporaries, never the ``[N, D]``
+matrix: about 7 shard-sized buffers when copying, so pick the cache's
+``shard_bytes`` below an eighth of the memory to spare (``revisit-benchmark
+probe`` measures the peak). Under a
 ``tf.distribute`` strategy the shards of a round go to the replicas (one
 each) and ``strategy.reduce(SUM)`` adds them, so the same probe runs on one
 CPU, N GPUs or a TPU.
@@ -82,6 +86,7 @@ class ShardSource:
         dim: int,
         labels: np.ndarray,
         streamed: bool,
+        mapped: bool = False,
     ):
         """Low level; use ``from_arrays``, ``from_cache`` or ``concat``.
 
@@ -90,6 +95,8 @@ class ShardSource:
             dim: D.
             labels: all labels, ``[N]`` (shard order).
             streamed: whether readers read from disk.
+            mapped: whether streamed readers return memory maps of the files
+                (no copy; ``from_cache``).
         """
         if not readers:
             raise ValueError("a ShardSource needs at least one shard.")
@@ -99,6 +106,7 @@ class ShardSource:
         self.num_examples = len(self.labels)
         self.num_shards = len(self._readers)
         self.streamed = streamed
+        self.mapped = streamed and mapped
 
     @classmethod
     def from_arrays(
@@ -126,10 +134,24 @@ class ShardSource:
         return cls(readers, dim=x.shape[1], labels=y, streamed=False)
 
     @classmethod
-    def from_cache(cls, entry: cache_lib.CachedFeatures) -> ShardSource:
-        """Streamed shards of a feature-cache entry (read at every pass)."""
-        readers = [functools.partial(entry.shard, i) for i in range(entry.num_shards)]
-        return cls(readers, dim=entry.dim, labels=entry.labels, streamed=True)
+    def from_cache(
+        cls, entry: cache_lib.CachedFeatures, *, mapped: bool = True
+    ) -> ShardSource:
+        """Streamed shards of a feature-cache entry (read at every pass).
+
+        Args:
+            entry: the cache entry.
+            mapped: read shards through memory maps of their files
+                (``CachedFeatures.mapped_shard``: no copy, the page cache is
+                read in place; the default) or by copying each file at every
+                pass (``CachedFeatures.shard``: for filesystems where a read
+                error under a mapping would be a SIGBUS).
+        """
+        read = entry.mapped_shard if mapped else entry.shard
+        readers = [functools.partial(read, i) for i in range(entry.num_shards)]
+        return cls(
+            readers, dim=entry.dim, labels=entry.labels, streamed=True, mapped=mapped
+        )
 
     @classmethod
     def concat(cls, sources: Sequence[ShardSource]) -> ShardSource:
@@ -142,6 +164,7 @@ class ShardSource:
             dim=dims.pop(),
             labels=np.concatenate([s.labels for s in sources]),
             streamed=any(s.streamed for s in sources),
+            mapped=all(s.mapped or not s.streamed for s in sources),
         )
 
     @property
@@ -409,8 +432,7 @@ def fit_sharded(
     position = solver.start_position(initial, dim, num_classes, acc, terms)
     with solver.tf32_policy(tf32):
         if solver_name == "lbfgs":
-            out = solver.minimize(
-                data,
+            out = data.minimize(
                 position,
                 l2=tf.constant(l2, acc),
                 tolerance=tf.constant(tolerance, acc),
