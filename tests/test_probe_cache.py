@@ -1,6 +1,7 @@
 """Tests for revisit_tf.probe.cache: sharded feature cache, crash safety."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -129,7 +130,8 @@ def test_mapped_shards_equal_reads_share_memory_and_a_changed_file_stops_named(
         cache_lib.CachedFeatures(entry.path).mapped_shard(5)
     # Rewritten in place, same size and header: the mapping would change.
     entry.mapped_shard(4)
-    content = open(path(4), "rb").read()
+    with open(path(4), "rb") as f:
+        content = f.read()
     time.sleep(0.01)
     with open(path(4), "r+b") as f:
         f.write(content)
@@ -137,8 +139,7 @@ def test_mapped_shards_equal_reads_share_memory_and_a_changed_file_stops_named(
         entry.mapped_shard(4)
     # Replaced by another file (a rename), then removed.
     entry.mapped_shard(6)
-    with open(path(6) + ".new", "wb") as f:
-        f.write(open(path(6), "rb").read())
+    shutil.copyfile(path(6), path(6) + ".new")
     os.replace(path(6) + ".new", path(6))
     with pytest.raises(cache_lib.CacheError, match="replaced or modified"):
         entry.mapped_shard(6)

@@ -70,9 +70,7 @@ def test_streamed_objective_equals_whole_batch(tmp_path, dtype, accumulate, rtol
     np.testing.assert_allclose(s_grad.numpy(), expected, rtol=rtol, atol=rtol * scale)
 
 
-def test_in_graph_and_round_by_round_solves_take_the_same_steps(
-    tmp_path, monkeypatch
-):
+def test_in_graph_and_round_by_round_solves_take_the_same_steps(tmp_path, monkeypatch):
     """Mapped and resident shards run the solve as one graph; copied shards
     (``mapped=False``), and mapped ones past the memory limit, run it round by
     round. All take the same steps (same iterations and passes) to the same

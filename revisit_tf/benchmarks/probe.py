@@ -410,7 +410,7 @@ def _stream_child(args) -> dict:
     # ru_maxrss is a maximum over the process's life (TensorFlow's start-up
     # dominates it), so the resident set is sampled during the fit instead.
     sampler = probe_data.RssSampler()
-    baseline = sampler.current()
+    baseline, baseline_private = sampler.sizes()
     start = time.perf_counter()
     with sampler:
         fit = sharded.fit_sharded(objective, tolerance=args.tolerance)
@@ -424,6 +424,7 @@ def _stream_child(args) -> dict:
         "converged": fit.converged,
         "shards": entry.num_shards,
         "peak_rss_above_baseline_bytes": peak - baseline,
+        "peak_private_above_baseline_bytes": sampler.peak_private - baseline_private,
     }
 
 
@@ -549,7 +550,8 @@ def _table(rows: list[dict], equal: list[dict], streamed: dict | None, args) -> 
             f"{s['budget_bytes'] / mb:.0f} MB budget, {s['shards']} shards): "
             f"{s['seconds']:.2f}s, {s['iterations']} iterations, "
             f"{s['function_evaluations']} passes, peak RSS "
-            f"+{s['peak_rss_above_baseline_bytes'] / mb:.0f} MB; loss "
+            f"+{s['peak_rss_above_baseline_bytes'] / mb:.0f} MB (private "
+            f"+{s['peak_private_above_baseline_bytes'] / mb:.0f} MB); loss "
             f"{s['loss']:.7f} vs whole-batch {s['whole_batch_loss']:.7f} (rel. diff "
             f"{s['loss_rel_diff_vs_whole_batch']:+.1e}; whole-batch in memory "
             f"{s['whole_batch_seconds']:.2f}s)."

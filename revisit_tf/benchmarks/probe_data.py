@@ -134,28 +134,43 @@ def median_time(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 class RssSampler:
     """Peak resident set size (``/proc/self/statm``), sampled every 10 ms.
 
+    ``peak`` is the whole resident set; ``peak_private`` leaves out shared
+    pages (mostly file pages: the page cache of memory-mapped cache shards,
+    which the kernel reclaims under pressure), i.e. the process's own memory.
+
     Example:
-        >>> sampler = RssSampler(); base = sampler.current()
+        >>> sampler = RssSampler(); base, base_private = sampler.sizes()
         >>> with sampler: work()
-        >>> sampler.peak - base   # bytes above the baseline
+        >>> sampler.peak - base, sampler.peak_private - base_private
     """
 
     def __init__(self):
-        self.peak = 0
+        self.peak = self.peak_private = 0
         self._stop = threading.Event()
         self._page = os.sysconf("SC_PAGE_SIZE")
 
+    def sizes(self) -> tuple[int, int]:
+        """``(resident, private)`` bytes now (private = resident - shared)."""
+        with open("/proc/self/statm") as f:
+            fields = f.read().split()
+        resident, shared = int(fields[1]), int(fields[2])
+        return resident * self._page, (resident - shared) * self._page
+
     def current(self) -> int:
         """Resident bytes now."""
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
+        return self.sizes()[0]
+
+    def _sample(self):
+        resident, private = self.sizes()
+        self.peak = max(self.peak, resident)
+        self.peak_private = max(self.peak_private, private)
 
     def _run(self):
         while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self.current())
+            self._sample()
 
     def __enter__(self):
-        self.peak = self.current()
+        self.peak, self.peak_private = self.sizes()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -164,4 +179,4 @@ class RssSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.current())
+        self._sample()

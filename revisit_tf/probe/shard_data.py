@@ -2,8 +2,11 @@
 
 Place in the data flow (stage 6): ``probe/sharded.py`` builds one
 ``ShardData`` per training source and runs the same ``solver.minimize`` as
-the whole-batch path on it, eagerly. ``J`` is a mean over examples, so every
-quantity the driver needs is a sum of per-shard terms:
+the whole-batch path on it: as one ``tf.function`` over every shard when the
+shards need no copy (resident, or memory-mapped cache files that fit in the
+memory available) and no strategy is given, else eagerly, round by round.
+``J`` is a mean over examples, so every quantity the driver needs is a sum of
+per-shard terms:
 
     Zd_s       = X~_s d                                   [n_s, C] per shard
     N phi(t)   = sum_s sum_{i in s} CE(Z_s + t Zd_s)_i + N (l2/2) ||W + t dW||^2
@@ -15,10 +18,10 @@ much smaller than ``[N, D]`` when C < D), so a line-search trial is
 whole-batch path: one for ``Zd``, one for ``X^T R`` at the accepted step
 (which also recomputes ``Z`` exactly every ``solver.LOGITS_REFRESH_EVERY``
 iterations). Shards are resident (standardized once and placed on their
-replica) or streamed from the feature cache at every pass, reading one shard
-ahead. Under a ``tf.distribute`` strategy each round of ``num_replicas``
-shards runs with ``strategy.run`` and the sums are ``strategy.reduce(SUM)``;
-the per-shard ``Z_s`` stay on their replica.
+replica) or streamed from the feature cache at every pass (memory maps, or
+copies read one shard ahead). Under a ``tf.distribute`` strategy each round
+of ``num_replicas`` shards runs with ``strategy.run`` and the sums are
+``strategy.reduce(SUM)``; the per-shard ``Z_s`` stay on their replica.
 
 Precision: per-shard products in ``dtype`` (float32 by default, the cache's
 precision); row sums are cast to ``accumulate_dtype`` (float64) before the sum
@@ -239,7 +242,7 @@ class _InGraph(_ShardTerms):
 
 
 class ShardData(_ShardTerms):
-    """``solver.minimize``'s data access over a ``sharded.ShardSource`` (eager).
+    """``solver.minimize``'s data access over a ``sharded.ShardSource``.
 
     ``Z``/``Zd`` are lists with one ``[n_s, C]`` tensor per round (a
     per-replica value under a strategy). Without a strategy, over shards that

@@ -388,11 +388,13 @@ def fit_sharded(
 ) -> lbfgs.ProbeFit:
     """Minimises a ``ShardedObjective`` with the probe's L-BFGS driver.
 
-    ``solver.minimize`` runs eagerly on ``objective_.data`` (two passes over
-    the shards per iteration, the line search on the resident logits); every
-    pass can stream shards from disk and call ``strategy.run``, and the
-    per-shard work is compiled. Same correction pairs, line search, flags and
-    stopping test as ``lbfgs.fit_logistic_regression``.
+    ``solver.minimize`` runs on ``objective_.data`` (two passes over the
+    shards per iteration, the line search on the resident logits): as one
+    graph over resident or memory-mapped shards without a strategy
+    (``ShardData.in_graph``), else eagerly, where every pass can read shards
+    from disk and call ``strategy.run``, with the per-shard work compiled.
+    Same correction pairs, line search, flags and stopping test as
+    ``lbfgs.fit_logistic_regression``.
 
     Args:
         objective_: the sharded objective (its ``l2`` is the penalty).
