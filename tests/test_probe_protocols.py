@@ -276,6 +276,27 @@ def _small_protocol(name: str, streamed: bool = False):
     }[name]()
 
 
+def test_streamed_lbfgs_row_is_the_same_mapped_or_copied(tmp_path):
+    """``LbfgsProbe.stream_mapped`` picks how shards are read (memory maps run
+    in one graph, copies round by round), not the result: same l2 path, same
+    test predictions, same fingerprint settings."""
+    from revisit_tf.probe import protocols as protocols_lib
+
+    entries = _split_entries(tmp_path)
+    rows = {}
+    for mapped in (True, False):
+        protocol = protocols_lib.LbfgsProbe(
+            l2_grid=(1e-1, 1e-3), max_resident_bytes=1, stream_mapped=mapped
+        )
+        rows[mapped] = protocols_lib.run_protocol(protocol, entries, subset=1.0)
+        assert rows[mapped]["streamed"]
+        assert "stream_mapped" not in protocol.settings()
+    a, b = rows[True], rows[False]
+    assert a["l2"] == b["l2"] and a["refit_iterations"] == b["refit_iterations"]
+    assert [p["l2"] for p in a["l2_path"]] == [p["l2"] for p in b["l2_path"]]
+    assert a["test_predictions"] == b["test_predictions"]
+
+
 @pytest.mark.parametrize(
     "name, streamed",
     [("lbfgs", False), ("lbfgs", True), ("sgd", False), ("mlp", False), ("knn", False)],

@@ -97,11 +97,15 @@ def test_in_graph_and_round_by_round_solves_take_the_same_steps(tmp_path, monkey
     runs["resident"] = fit(resident)
     monkeypatch.setattr(shard_data, "available_memory", lambda: mapped.nbytes)
     runs["over_limit"] = fit(mapped)  # 4 N D > 0.5 x the memory available
+    monkeypatch.undo()
+    monkeypatch.setattr(shard_data, "IN_GRAPH_MAX_ROUNDS", mapped.num_shards - 1)
+    runs["many_rounds"] = fit(mapped)
     assert {k: v[0] for k, v in runs.items()} == {
         "mapped": True,
         "copied": False,
         "resident": True,
         "over_limit": False,
+        "many_rounds": False,
     }
     ref = runs["copied"][1]
     assert ref.converged and ref.iterations > 10

@@ -49,6 +49,7 @@ class PathSettings(Protocol):
     refit_on_trainval: bool
     extend_l2: bool
     max_resident_bytes: int
+    stream_mapped: bool
 
 
 class Entries(Protocol):
@@ -136,9 +137,10 @@ def fit_path(
         test_x, test_y = entries.arrays("test")
         return PathFit(sweep, final, final.predict(test_x), test_y, False)
 
-    train = _source(entries.train, rows)
-    val = sharded.ShardSource.from_cache(entries.val)
-    test_source = sharded.ShardSource.from_cache(entries.test)
+    mapped = s.stream_mapped
+    train = _source(entries.train, rows, mapped)
+    val = sharded.ShardSource.from_cache(entries.val, mapped=mapped)
+    test_source = sharded.ShardSource.from_cache(entries.test, mapped=mapped)
     num_classes = 1 + int(max(train.labels.max(), val.labels.max()))
     kwargs = dict(
         num_classes=num_classes,
@@ -205,10 +207,10 @@ def row_fields(fit: PathFit, *, refit: bool) -> dict[str, Any]:
     }
 
 
-def _source(entry: cache_lib.CachedFeatures, rows) -> sharded.ShardSource:
+def _source(entry: cache_lib.CachedFeatures, rows, mapped: bool) -> sharded.ShardSource:
     """Streamed source of an entry, or (for a subset) its rows gathered once."""
     if rows is None:
-        return sharded.ShardSource.from_cache(entry)
+        return sharded.ShardSource.from_cache(entry, mapped=mapped)
     picked, labels, start = [], [], 0
     for x, y in entry.iter_shards():
         inside = rows[(rows >= start) & (rows < start + len(y))] - start

@@ -199,6 +199,10 @@ class LbfgsProbe(Protocol):
             only a warning.
         max_resident_bytes: above this size of the training matrix the probe
             streams shards from the cache instead of holding it.
+        stream_mapped: stream memory maps of the cache's shard files (no
+            copy; the default) rather than copies read at every pass (for
+            filesystems where a read error under a mapping is a SIGBUS).
+            Same iterates either way: not in the fingerprint.
     """
 
     name: ClassVar[str] = "lbfgs"
@@ -213,6 +217,7 @@ class LbfgsProbe(Protocol):
     refit_on_trainval: bool = True
     extend_l2: bool = True
     max_resident_bytes: int = RESIDENT_LIMIT_BYTES
+    stream_mapped: bool = True
 
     def __post_init__(self):
         self.l2_grid = tuple(float(v) for v in self.l2_grid)

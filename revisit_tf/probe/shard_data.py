@@ -127,6 +127,11 @@ def _shard_functions(dtype: tf.DType, acc: tf.DType) -> dict:
 # be touched by one pass's parallel shard products. Larger sources run round by
 # round, with the kernel's read-ahead started one shard ahead.
 IN_GRAPH_MAPPED_FRACTION = 0.5
+# ... and over at most this many rounds: the graph holds every round's terms,
+# so its trace grows with the rounds (64 rounds of 1000 classes: ~45 s a trace
+# on 2 cores). Past it each round is large (64 MiB cache shards: 1 GiB in the
+# graph), and a pass's Python overhead round by round is small beside it.
+IN_GRAPH_MAX_ROUNDS = 16
 
 
 def available_memory() -> int:
@@ -405,10 +410,11 @@ class ShardData(_ShardTerms):
     # -- the whole solve in one graph ---------------------------------------
 
     def in_graph(self) -> bool:
-        """Whether ``minimize`` runs as one ``tf.function``: no strategy, and
-        shards that need no copy (resident, or memory-mapped files taking at
-        most ``IN_GRAPH_MAPPED_FRACTION`` of the memory available)."""
-        if self.strategy is not None:
+        """Whether ``minimize`` runs as one ``tf.function``: no strategy, at
+        most ``IN_GRAPH_MAX_ROUNDS`` shards, and shards that need no copy
+        (resident, or memory-mapped files taking at most
+        ``IN_GRAPH_MAPPED_FRACTION`` of the memory available)."""
+        if self.strategy is not None or self._num_rounds() > IN_GRAPH_MAX_ROUNDS:
             return False
         if not self.source.streamed:
             return True
