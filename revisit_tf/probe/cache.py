@@ -585,6 +585,18 @@ def _read_aligned(f, file: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     return out
 
 
+def _open_entry_file(file: str):
+    """``file`` opened for reading (binary) if it is a regular file, else a
+    ``CacheError`` naming it (missing, a link, a device, ...)."""
+    try:
+        fd = _open_regular(file)
+    except FileNotFoundError:
+        raise CacheError(f"{file}: missing (removed while in use).") from None
+    except UnsafeFileError as e:
+        raise CacheError(str(e)) from None
+    return os.fdopen(fd, "rb")
+
+
 def _identity(st: os.stat_result) -> tuple[int, ...]:
     """What changes when a file is replaced, resized or written to."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -593,13 +605,7 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
 def _map_npy(file: str, size: int, shape: tuple[int, ...], dtype):
     """``(_identity, array, mmap)`` of a private mapping of the ``.npy`` file
     ``file`` (``size`` bytes), its array checked to be ``shape``."""
-    try:
-        fd = _open_regular(file)
-    except FileNotFoundError:
-        raise CacheError(f"{file}: missing (removed while in use).") from None
-    except UnsafeFileError as e:
-        raise CacheError(str(e)) from None
-    with os.fdopen(fd, "rb") as f:
+    with _open_entry_file(file) as f:
         st = os.fstat(f.fileno())
         if st.st_size != size:
             raise CacheError(f"{file}: size changed while in use.")
@@ -702,13 +708,7 @@ class CachedFeatures:
         read at most to its recorded size, and must hold ``shape``/``dtype``.
         """
         file = os.path.join(self.path, name)
-        try:
-            fd = _open_regular(file)
-        except FileNotFoundError:
-            raise CacheError(f"{file}: missing (removed while in use).") from None
-        except UnsafeFileError as e:
-            raise CacheError(str(e)) from None
-        with os.fdopen(fd, "rb") as f:
+        with _open_entry_file(file) as f:
             if name in self._verified:
                 if os.fstat(f.fileno()).st_size != info["bytes"]:
                     raise CacheError(f"{file}: size changed while in use.")
