@@ -156,10 +156,6 @@ class RssSampler:
         resident, shared = int(fields[1]), int(fields[2])
         return resident * self._page, (resident - shared) * self._page
 
-    def current(self) -> int:
-        """Resident bytes now."""
-        return self.sizes()[0]
-
     def _sample(self):
         resident, private = self.sizes()
         self.peak = max(self.peak, resident)

@@ -128,8 +128,8 @@ def _shard_functions(dtype: tf.DType, acc: tf.DType) -> dict:
 # round, with the kernel's read-ahead started one shard ahead.
 IN_GRAPH_MAPPED_FRACTION = 0.5
 # ... and over at most this many rounds: the graph holds every round's terms,
-# so its trace grows with the rounds (64 rounds of 1000 classes: ~45 s a trace
-# on 2 cores). Past it each round is large (64 MiB cache shards: 1 GiB in the
+# so its trace grows with the rounds (64 rounds of 1000 classes: the first fit
+# took 43 s on 2 cores). Past it each round is large (64 MiB cache shards: 1 GiB in the
 # graph), and a pass's Python overhead round by round is small beside it.
 IN_GRAPH_MAX_ROUNDS = 16
 
@@ -223,11 +223,9 @@ class _InGraph(_ShardTerms):
     def __init__(self, fn, xs, ys, standardizer, num_examples, num_classes, dtype):
         self._fn, self._xs, self._labels = fn, list(xs), list(ys)
         self._standardizer = standardizer
-        self.num_examples, self.num_classes, self.dtype = (
-            num_examples,
-            num_classes,
-            dtype,
-        )
+        self.num_examples = num_examples
+        self.num_classes = num_classes
+        self.dtype = dtype
 
     def rounds(self):
         for x, y in zip(self._xs, self._labels, strict=True):
@@ -343,19 +341,23 @@ class ShardData(_ShardTerms):
             return value
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
 
+    def _tensors(self, x: np.ndarray, y: np.ndarray) -> tuple[tf.Tensor, tf.Tensor]:
+        """One shard as tensors (x in the compute dtype, not standardized)."""
+        x = np.asarray(x, self.compute_dtype.as_numpy_dtype)
+        # A streamed shard is a memory map or a fresh (aligned) buffer per
+        # read: shared with TensorFlow, not copied. Resident shards are views
+        # of the caller's arrays: copied once.
+        if self.source.streamed:
+            x = arrays.as_tensor(x, self.compute_dtype)
+        else:
+            x = tf.constant(x)
+        return x, tf.constant(y, tf.int32)
+
     def _place(self, group):
         """``(x, y)`` of one round on the replicas' devices, x standardized."""
-        np_dtype = self.compute_dtype.as_numpy_dtype
-        dtype, streamed = self.compute_dtype, self.source.streamed
 
         def tensors(index):
-            x, y = group[index]
-            x = np.asarray(x, np_dtype)
-            # A streamed shard is a fresh (aligned) buffer per read: shared
-            # with TensorFlow, not copied. Resident shards are views of the
-            # caller's arrays: copied once.
-            x = arrays.as_tensor(x, dtype) if streamed else tf.constant(x)
-            return x, tf.constant(y, tf.int32)
+            return self._tensors(*group[index])
 
         if self.strategy is None:
             x, y = tensors(0)
@@ -445,23 +447,22 @@ class ShardData(_ShardTerms):
         if self._resident is not None:
             xs, ys = zip(*self._resident, strict=True)
             standardizer = None  # standardized when placed
-        else:
-            dtype = self.compute_dtype
-            shards = list(self.source.iter_shards())
-            xs = [
-                arrays.as_tensor(np.asarray(x, dtype.as_numpy_dtype), dtype)
-                for x, _ in shards
-            ]
-            ys = [tf.constant(y, tf.int32) for _, y in shards]
+        else:  # mapped: every shard at once costs no copy
+            xs, ys = zip(
+                *(self._tensors(x, y) for x, y in self.source.iter_shards()),
+                strict=True,
+            )
             standardizer = self._standardizer
         if self._graph_solve is None:
             self._graph_solve = self._graph_solver(standardizer)
         out = self._graph_solve(
             list(xs), list(ys), position, coordinates.terms, coordinates.full, **args
         )
-        # A pass for Z (none from W = 0), one for the first gradient, then two
-        # per iteration (Zd, and X^T R or a fresh Z with it).
-        start = 0 if bool(tf.reduce_all(tf.equal(position, 0))) else 1
+        # A pass for Z (none from W = 0, as in ``solver.minimize``), one for
+        # the first gradient, then two per iteration (Zd, and X^T R or a fresh
+        # Z with it).
+        weights = tf.reshape(position, [-1, self.num_classes])[:-1]
+        start = 0 if bool(tf.reduce_all(tf.equal(weights, 0))) else 1
         self.passes += start + 1 + 2 * int(out["iterations"])
         return out
 
