@@ -522,10 +522,23 @@ def test_rotate4_rejects_non_square_and_stacks():
         get_preprocess_fn("rotate4")({"image": distinct_image(2, 3)})
     with pytest.raises(tf.errors.InvalidArgumentError, match="square"):
         run_dynamic("rotate4", distinct_image(2, 3))
-    with pytest.raises(ValueError, match=r"\[H, W, C\]"):
-        get_preprocess_fn("rotate4")({"image": np.zeros([2, 3, 3, 1])})
+    with pytest.raises(ValueError, match=r"\[K, H, W, C\]"):
+        get_preprocess_fn("rotate4")({"image": np.zeros([2, 2, 3, 3, 1])})
     with pytest.raises(ValueError, match="signature"):
         get_preprocess_fn("rotate4(1)")
+
+
+def test_rotate4_on_a_batch_equals_each_image_rotated():
+    images = np.stack(
+        [distinct_image(3, 3), distinct_image(3, 3) + 100]
+    )  # [2, 3, 3, 3]
+    fn = get_preprocess_fn("rotate4")
+    batch = fn({"image": images})
+    assert batch["image"].shape == (2, 4, 3, 3, 3)
+    for b in range(2):
+        one = fn({"image": images[b]})
+        np.testing.assert_array_equal(batch["image"][b], one["image"])
+        np.testing.assert_array_equal(batch["label"][b], [0, 1, 2, 3])
 
 
 # --------------------------------------------------------------------------- #

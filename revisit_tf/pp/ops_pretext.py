@@ -59,10 +59,15 @@ def get_rotate4(*, key: str = "image", key_label: str = "label") -> OpFn:
     Value ops (``value_range``, ``standardize``) commute with rotation and may
     come after.
 
+    On a batch ``[B, H, W, C]`` (the batch part of a split pipeline,
+    ``pp.device``, run on the accelerator) it writes ``[B, 4, H, W, C]`` and
+    labels ``[B, 4]``: exactly the per-image results, batched.
+
     Args:
-        key: key of the input image ``[H, W, C]``, ``H == W``; the stack
-            ``[4, H, W, C]`` is written back to it.
-        key_label: key that receives the int32 ``[4]`` labels.
+        key: key of the input image ``[H, W, C]`` (or batch ``[B, H, W, C]``),
+            ``H == W``; the stack ``[4, H, W, C]`` (``[B, 4, H, W, C]``) is
+            written back to it.
+        key_label: key that receives the int32 ``[4]`` (``[B, 4]``) labels.
 
     Returns:
         ``fn(data) -> data`` with ``data[key]`` ``[4, H, W, C]`` (same dtype)
@@ -76,8 +81,8 @@ def get_rotate4(*, key: str = "image", key_label: str = "label") -> OpFn:
     def _rotate4(data: dict) -> dict:
         utils.check_has_keys("rotate4", data, [key])
         image = tf.convert_to_tensor(data[key])
-        utils.check_image_rank("rotate4", image, max_rank=3)
-        height, width = image.shape[0], image.shape[1]
+        rank = utils.check_image_rank("rotate4", image, max_rank=4)
+        height, width = image.shape[-3], image.shape[-2]
         if height is not None and width is not None and height != width:
             raise ValueError(
                 f"rotate4: the image must be square to stack its rotations, got "
@@ -85,14 +90,18 @@ def get_rotate4(*, key: str = "image", key_label: str = "label") -> OpFn:
             )
         shape = tf.shape(image)
         check = tf.debugging.assert_equal(
-            shape[0], shape[1], message="rotate4: the image must be square (H == W)"
+            shape[-3], shape[-2], message="rotate4: the image must be square (H == W)"
         )
         with tf.control_dependencies([check]):
             image = tf.identity(image)
+        # rot90 of a batch [B, H, W, C] rotates every image alike.
         views = [tf.image.rot90(image, k=r) for r in range(NUM_ROTATIONS)]
+        labels = tf.range(NUM_ROTATIONS, dtype=tf.int32)  # [4]
         result = dict(data)
-        result[key] = tf.stack(views, axis=0)  # [4, H, W, C]
-        result[key_label] = tf.range(NUM_ROTATIONS, dtype=tf.int32)  # [4]
+        result[key] = tf.stack(views, axis=rank - 3)  # [(B,) 4, H, W, C]
+        if rank == 4:
+            labels = tf.tile(labels[None], [shape[0], 1])  # [B, 4]
+        result[key_label] = labels
         return result
 
     return _rotate4
