@@ -11,7 +11,12 @@ Structure (SimCLR tf2 / Model Garden, style guide 4.5):
   gradients are taken. The loop knows nothing of views, patches, pixels or
   labels: that is the model's and the loss function's business.
 * ``train`` builds an outer ``tf.function`` that runs ``steps_per_loop`` steps
-  (``strategy.run`` inside ``tf.range``); between outer loops it logs a
+  (``strategy.run`` inside ``tf.range``). The per-replica step (the batch
+  part of a split pretext pipeline, ``pp.device``, then forward, backward and
+  the optimizer's update) is one ``tf.function(jit_compile=True)`` when
+  ``jit_compile`` resolves to True (``train.strategy.resolve_jit_compile``:
+  by default on GPUs, off on CPUs and TPUs), as Keras's ``Model.fit`` and
+  Model Garden compile theirs. Between outer loops it logs a
   progress line (loss, the task's metrics, learning rate, examples/s, ETA),
   writes TensorBoard scalars and saves checkpoints every ``checkpoint_every``
   steps.
@@ -383,6 +388,8 @@ def train(
     on_first_loop: Callable[[], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     hooks: Sequence[Hook] = (),
+    jit_compile: bool | None = None,
+    device_preprocess_fn: Callable[[dict], dict] | None = None,
 ) -> dict[str, float]:
     """Trains ``model`` until the optimizer's step counter reaches ``total_steps``.
 
@@ -427,6 +434,14 @@ def train(
         logged with its traceback and counted in ``<name>_failures``, and
         training goes on: it only observes, and raising on the chief alone
         would leave other workers hanging in a collective.
+      jit_compile: XLA-compile the per-replica step (True), not (False), or
+        None for ``train.strategy.resolve_jit_compile``'s default (on when
+        every replica is a GPU). Same losses and updates either way, up to
+        float rounding (XLA fuses and reorders arithmetic).
+      device_preprocess_fn: ``batch -> batch`` run on each replica's batch
+        at the start of its step, inside the compiled step (the batch part of
+        a split pretext pipeline, ``pp.device.device_batch_fn``); the loss,
+        metrics and model see its output. None: the batch as it comes.
 
     Returns:
       Metrics of the last outer loop: ``loss``, ``task_loss``, each
@@ -452,6 +467,7 @@ def train(
     if global_batch_size < 1:
         raise ValueError(f"global_batch_size must be >= 1; got {global_batch_size}.")
     hooks = _check_hooks(hooks)
+    jit = strategy_lib.resolve_jit_compile(strategy, jit_compile)
     chief = strategy_lib.is_chief(strategy)
     resolver = getattr(strategy, "cluster_resolver", None)
     with strategy.scope():
@@ -482,6 +498,8 @@ def train(
     iterator = iter(dataset)
 
     def step_fn(batch):
+        if device_preprocess_fn is not None:
+            batch = device_preprocess_fn(batch)
         loss, task_loss, grads, sums = loss_and_gradients(
             model,
             loss_fn,
@@ -492,6 +510,9 @@ def train(
         )
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return {"loss": loss, "task_loss": task_loss, **sums}
+
+    if jit:  # the replica's whole step, update included, as one XLA cluster
+        step_fn = tf.function(step_fn, jit_compile=True, reduce_retracing=True)
 
     def run_step(iterator):
         values = strategy.run(step_fn, args=(next(iterator),))
@@ -517,12 +538,14 @@ def train(
     )
     _logger.info(
         "Training from step %d to %d: global batch %d examples, %d replica(s), "
-        "per-replica batch %d.",
+        "per-replica batch %d; step %s%s.",
         step,
         total_steps,
         global_batch_size,
         strategy.num_replicas_in_sync,
         global_batch_size // strategy.num_replicas_in_sync,
+        "XLA-compiled" if jit else "not XLA-compiled",
+        ", pretext batch built in the step" if device_preprocess_fn else "",
     )
     recent = collections.deque(maxlen=10)  # (steps, seconds) of recent loops
     runner = _HookRunner(hooks, ckpt.restored_metrics)
@@ -558,8 +581,9 @@ def train(
             except tf.errors.OpError as e:
                 if not first_loop:
                     raise
+                hint = " (XLA-compiled: retry with jit_compile=False)" if jit else ""
                 raise ValueError(
-                    f"The first training step failed ({type(e).__name__}): "
+                    f"The first training step failed ({type(e).__name__}){hint}: "
                     f"{_op_error_summary(e)}"
                 ) from e
             seconds = time.perf_counter() - t0
