@@ -37,6 +37,7 @@ from revisit_tf import progress as progress_lib
 from revisit_tf.export import keras_trunk as keras_trunk_lib
 from revisit_tf.export import saved_model as export_lib
 from revisit_tf.models import pretext as pretext_lib
+from revisit_tf.pp import device as device_lib
 from revisit_tf.pp import groups as groups_lib
 from revisit_tf.probe import cache as cache_lib
 from revisit_tf.probe import features as features_lib
@@ -86,6 +87,8 @@ def pretrain(
     ghost_group_size: int | None = None,
     online_eval_every: int = 0,
     online_eval_fn: Callable[..., loop_lib.Hook] | None = None,
+    jit_compile: bool | None = None,
+    pretext_on_device: bool = False,
 ) -> dict[str, float]:
     """Pretext (or supervised) training; checkpoints in ``workdir/checkpoints``.
 
@@ -140,6 +143,15 @@ def pretrain(
         bound by ``probe/online.gin``), called with ``every_steps``, the
         training source, a row writer, the model name, the workdir and the
         steps already recorded; None: ``probe.online.OnlineEvaluator``.
+      jit_compile: XLA-compile the per-replica step; None: on when every
+        replica is a GPU, off on CPUs and TPUs
+        (``train.strategy.resolve_jit_compile``).
+      pretext_on_device: build the pretext batch inside the training step
+        (``pp.device``): ``pp_train`` is cut at its first batch pretext op
+        (``rotate4``, ``crop_patches``), tf.data runs the part before it, and
+        that op, the ones after it and ``pp_train_batch`` run on each
+        per-replica batch on the accelerator. The batches are bit-identical
+        to those built on the host (same seeds, same draws).
 
     Returns:
       The metrics of the last logged loop (loss, accuracy, examples/s, ...).
@@ -166,6 +178,17 @@ def pretrain(
     batch_pp_fn = pp_lib.get_preprocess_fn(pp_train_batch) if pp_train_batch else None
     if batch_pp_fn is not None:  # one batch op per ghost group (pp.groups)
         batch_pp_fn = groups_lib.per_group(batch_pp_fn, ghost_group_size)
+    device_fn = None  # the batch part, run in the training step
+    if pretext_on_device:
+        parts = device_lib.split(pp_train)
+        device_fn = device_lib.device_batch_fn(parts, batch_pp_fn)
+        pp_fn, batch_pp_fn = device_lib.host_example_fn(parts), device_lib.host_batch_fn
+        _logger.info(
+            "Pretext on the device: tf.data runs %r, the training step %r%s.",
+            parts.host,
+            parts.device,
+            f" then {pp_train_batch!r}" if pp_train_batch else "",
+        )
     data_seed = _data_seed(workdir, seed, strategy_lib.is_chief(strategy_obj))
 
     def dataset_fn(
@@ -186,9 +209,10 @@ def pretrain(
     # The per-example spec of a training batch, from a throwaway (never
     # iterated) dataset: what the pretext model takes.
     try:
-        input_spec = pretext_lib.example_spec(
-            dataset_fn(tf.distribute.InputContext()).element_spec
-        )
+        element_spec = dataset_fn(tf.distribute.InputContext()).element_spec
+        if device_fn is not None:  # what the batch part makes of it
+            element_spec = device_lib.output_spec(device_fn, element_spec)
+        input_spec = pretext_lib.example_spec(element_spec)
     except (KeyError, ValueError) as e:
         # The pp read a feature the source lacks (e.g. an unlabelled folder).
         data_lib.explain_missing_feature(
@@ -271,9 +295,10 @@ def pretrain(
                 seed=data_seed + step,
                 batch_preprocess_fn=batch_pp_fn,
             )
-            tag = summaries_lib.write_pretext_inputs(
-                next(iter(preview)), model, step=step
-            )
+            batch = next(iter(preview))
+            if device_fn is not None:
+                batch = device_fn(batch)
+            tag = summaries_lib.write_pretext_inputs(batch, model, step=step)
             _logger.info("TensorBoard: training inputs as images (%s).", tag)
         except Exception:  # a picture must not stop a run
             _logger.warning("No TensorBoard images of the inputs:", exc_info=True)
@@ -343,6 +368,8 @@ def pretrain(
             on_first_loop=on_first_loop,
             on_start=write_inputs,
             hooks=hooks,
+            jit_compile=jit_compile,
+            device_preprocess_fn=device_fn,
         )
     except loop_lib.PreemptedError as e:
         if chief:  # Marked incomplete: a rerun resumes and overwrites it.
