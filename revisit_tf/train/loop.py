@@ -144,6 +144,49 @@ def loss_and_gradients(
     return loss, task_loss, grads, metric_sums(metric_fn, batch, outputs)
 
 
+def make_replica_step(
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    loss_fn: LossFn,
+    *,
+    global_batch_size: int,
+    metric_fn: MetricFn | None = None,
+    jit_compile: bool = False,
+    device_preprocess_fn: Callable[[dict], dict] | None = None,
+) -> Callable[[dict], dict[str, tf.Tensor]]:
+    """One replica's whole training step, as ``train`` runs it in ``strategy.run``.
+
+    ``device_preprocess_fn`` (the batch part of a split pretext pipeline),
+    then ``loss_and_gradients`` and the optimizer's update; with
+    ``jit_compile`` all of it is one ``tf.function(jit_compile=True)``, i.e.
+    one XLA cluster (call ``train.strategy.resolve_jit_compile`` first: under
+    a Mirrored strategy that needs every replica on a GPU). The benchmarks
+    time this same function.
+
+    Returns:
+      ``step(batch) -> {"loss", "task_loss", *metric sums}``: this replica's
+      shares (see ``loss_and_gradients``); the variables are updated.
+    """
+
+    def step_fn(batch):
+        if device_preprocess_fn is not None:
+            batch = device_preprocess_fn(batch)
+        loss, task_loss, grads, sums = loss_and_gradients(
+            model,
+            loss_fn,
+            batch,
+            global_batch_size=global_batch_size,
+            optimizer=optimizer,
+            metric_fn=metric_fn,
+        )
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return {"loss": loss, "task_loss": task_loss, **sums}
+
+    if jit_compile:  # the replica's whole step, update included, as one XLA cluster
+        return tf.function(step_fn, jit_compile=True, reduce_retracing=True)
+    return step_fn
+
+
 def uses_float16(model: keras.Model) -> bool:
     """True if any layer, at any nesting depth, computes in float16.
 
@@ -497,22 +540,15 @@ def train(
     )
     iterator = iter(dataset)
 
-    def step_fn(batch):
-        if device_preprocess_fn is not None:
-            batch = device_preprocess_fn(batch)
-        loss, task_loss, grads, sums = loss_and_gradients(
-            model,
-            loss_fn,
-            batch,
-            global_batch_size=global_batch_size,
-            optimizer=optimizer,
-            metric_fn=metric_fn,
-        )
-        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-        return {"loss": loss, "task_loss": task_loss, **sums}
-
-    if jit:  # the replica's whole step, update included, as one XLA cluster
-        step_fn = tf.function(step_fn, jit_compile=True, reduce_retracing=True)
+    step_fn = make_replica_step(
+        model,
+        optimizer,
+        loss_fn,
+        global_batch_size=global_batch_size,
+        metric_fn=metric_fn,
+        jit_compile=jit,
+        device_preprocess_fn=device_preprocess_fn,
+    )
 
     def run_step(iterator):
         values = strategy.run(step_fn, args=(next(iterator),))
