@@ -9,6 +9,13 @@ in tests.
   each trunk vs ``keras.applications.ResNet50``.
 * ``probe`` (``revisit_tf.benchmarks.probe``): the L-BFGS probe vs
   scikit-learn's ``LogisticRegression`` on the same features.
+* ``input`` (``revisit_tf.benchmarks.input``): host images/s per core of each
+  pretext's ImageNet pipeline on generated JPEGs, and the cores per
+  accelerator that implies.
+* ``accelerator`` (``revisit_tf.benchmarks.accelerator``): the one-run GPU
+  check of ``tools/accelerator_check.sh`` (trunks in bfloat16/float32 with
+  and without XLA, Rotation/Jigsaw steps with the pretext built in the step,
+  the probe); ``--reduced`` on a CPU.
 
 Each module exposes ``main(argv: list[str] | None) -> int``.
 """
@@ -19,7 +26,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = ("trunks", "probe")
+BENCHMARKS = ("trunks", "probe", "input", "accelerator")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

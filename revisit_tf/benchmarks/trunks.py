@@ -58,7 +58,7 @@ def build_baseline(size: int, num_classes: int = 1000) -> keras.Model:
 
 
 def make_train_step(
-    model: keras.Model, *, explicit_weight_decay: float = 0.0
+    model: keras.Model, *, explicit_weight_decay: float = 0.0, jit_compile: bool = False
 ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """A compiled SGD step of ``model`` (dict output with ``logits``, or logits).
 
@@ -66,22 +66,24 @@ def make_train_step(
     their weight decay as kernel regularizers, reference section 6) plus, if
     ``explicit_weight_decay`` is set, ``wd / 2 * sum(W**2)`` over every kernel
     (rank >= 2 variable). The baseline gets the paper's 1e-4 this way, so both
-    models run the same training step.
+    models run the same training step. ``jit_compile``: the step as one XLA
+    cluster. Logits are cast to float32 (a bfloat16 baseline's are not).
     """
     optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
     optimizer.build(model.trainable_variables)
     kernels = [v for v in model.trainable_variables if len(v.shape) >= 2]
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile)
     def step(images, labels):
         with tf.GradientTape() as tape:
             out = model(images, training=True)
             logits = out["logits"] if isinstance(out, dict) else out
+            logits = tf.cast(logits, tf.float32)
             loss = tf.reduce_mean(
                 tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
             )
             if model.losses:
-                loss += tf.add_n(model.losses)
+                loss += tf.cast(tf.add_n(model.losses), tf.float32)
             if explicit_weight_decay:
                 loss += (explicit_weight_decay / 2) * tf.add_n(
                     [tf.reduce_sum(tf.square(k)) for k in kernels]
