@@ -201,6 +201,8 @@ def pretext_rows(task: str, mode: str, args) -> list[dict]:
             jit_compile=jit,
             device_preprocess_fn=fn,
         )
+        if not jit:  # a graph, as train runs it (not eager)
+            step = tf.function(step)
         out = _timed(
             lambda s=step, b=batch: s(b)["loss"], steps=args.steps, rounds=args.rounds
         )
