@@ -160,6 +160,10 @@ def test_shipped_config_trains_two_steps_and_exports_on_mock_imagenet(
     images = tf.random.uniform([2, *shape])
     rep = loaded.signatures["representation"](images=images)
     assert rep["pre_logits"].shape[0] == 2
+    # Trained in bfloat16 (imagenet/accelerator.gin), float32 endpoints out.
+    assert gin.query_parameter("DTYPE_POLICY/macro.value") == "mixed_bfloat16"
+    assert rep["pre_logits"].dtype == tf.float32
+    assert np.isfinite(rep["pre_logits"].numpy()).all()
     if config in ("jigsaw", "rel_patch_location"):
         # Whole images in, patch extraction inside; and a patch signature.
         assert shape == [192, 192, 3] and meta["patches"]["num_patches"] == 9
