@@ -93,3 +93,17 @@ def gin_search_paths() -> list[str]:
     directory. (gin itself first tries a name as a path.)
     """
     return [resources.gin_dir()]
+
+
+def bound_value(name: str, default=None):
+    """The value gin binds to ``name`` (e.g. ``"pretrain.pp_train"``), or ``default``.
+
+    A configurable reference (``@build_pretext_model``) comes back as the
+    configured function, so library code (the benchmarks) can use what a
+    shipped config binds without importing gin.
+    """
+    try:
+        value = gin.query_parameter(name)
+    except ValueError:  # not bound
+        return default
+    return getattr(value, "scoped_configurable_fn", value)

@@ -50,8 +50,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import gin
-from revisit_tf import __version__, cli
+from revisit_tf import __version__, cli, configurables
 from revisit_tf.benchmarks import trunks as trunks_lib
 from revisit_tf.models import factory
 from revisit_tf.models import pretext as pretext_lib
@@ -141,20 +140,13 @@ def _task_setup(task: str, args):
         bindings += ["EMBED_DIM = 16", "jigsaw_head.hidden = 32"]
     cli.parse_gin([f"imagenet/{task}.gin"], bindings)
     configured = {
-        k: gin.query_parameter(f"pretrain.{k}")
+        k: configurables.bound_value(f"pretrain.{k}")
         for k in ("model_fn", "loss_fn", "metric_fn")
     }
-    configured = {
-        k: None if v is None else v.scoped_configurable_fn
-        for k, v in configured.items()
-    }
-    pp_train = gin.query_parameter("pretrain.pp_train")
+    pp_train = configurables.bound_value("pretrain.pp_train")
     if args.reduced:  # Rotation's 224 px crops at the reduced size
         pp_train = pp_train.replace("(224)", f"({args.size})")
-    try:
-        batch_pp = gin.query_parameter("pretrain.pp_train_batch") or ""
-    except ValueError:  # not bound: no batch op (Rotation)
-        batch_pp = ""
+    batch_pp = configurables.bound_value("pretrain.pp_train_batch") or ""
     parts = device_lib.split(pp_train)
     device_fn = device_lib.device_batch_fn(
         parts, get_preprocess_fn(batch_pp) if batch_pp else None
@@ -219,7 +211,7 @@ def pretext_rows(task: str, mode: str, args) -> list[dict]:
         )
     image = built["image"]  # [B, K, h, w, C]
     inputs, size = image.shape[0] * image.shape[1], image.shape[2]
-    arch = gin.query_parameter("build_trunk.architecture")
+    arch = configurables.bound_value("build_trunk.architecture")
     trunk = trunk_row(arch, mode, args, inputs=inputs, size=size)
     views = image.shape[1]
     for row in rows:
