@@ -301,6 +301,27 @@ def test_no_step_0_checkpoint_over_others_and_leftovers_removed(tmp_path):
     assert not os.path.exists(os.path.join(directory, "ckpt-20_temp"))
 
 
+def test_update_metrics_rewrites_a_saved_step_only(tmp_path):
+    directory = _checkpointed(str(tmp_path), steps=(10, 20))
+    ckpt = _fresh(str(tmp_path))
+    assert ckpt.update_metrics(20, {"step": 20, "rec_seconds": 1.5})
+    assert checkpoint_lib.read_metrics(directory, 20) == {
+        "step": 20,
+        "rec_seconds": 1.5,
+    }
+    assert checkpoint_lib.read_metrics(directory, 10) == {"step": 10, "loss": 0.1}
+    before = _snapshot(directory)
+    assert not ckpt.update_metrics(30, {"step": 30})  # no such checkpoint
+    model, optimizer = _model(tf.distribute.get_strategy())
+    worker = checkpoint_lib.Checkpointer(
+        str(tmp_path), model=model, optimizer=optimizer, is_chief=False
+    )
+    assert not worker.update_metrics(20, {"step": 0})
+    assert _snapshot(directory) == before
+    assert ckpt.restore_latest() == 20
+    assert ckpt.restored_metrics["rec_seconds"] == 1.5
+
+
 # --- the loop's clear errors (item 12) ----------------------------------
 
 

@@ -345,6 +345,24 @@ class Checkpointer:
             )
         _logger.warning("Moved the files of %s to %s.", prefix, target)
 
+    def update_metrics(self, step: int, metrics: dict[str, float]) -> bool:
+        """Rewrites the metrics of the saved checkpoint ``step`` (chief only).
+
+        For what is measured after the save, e.g. the cost of the hooks that
+        run at a checkpoint step (saved first, so that a hook that crashes
+        costs no training): a run resumed from ``step`` then carries it over.
+        Atomic (``files.write_atomic``): a kill leaves the old file. Returns
+        False, touching nothing, off the chief or when ``step`` has no
+        checkpoint.
+        """
+        if not self._is_chief or step not in checkpoint_steps(self.directory):
+            return False
+        files.write_atomic(
+            _prefix(self.directory, step) + ".metrics.json",
+            json.dumps(metrics, sort_keys=True),
+        )
+        return True
+
     def save(self, step: int, metrics: dict[str, float] | None = None) -> str | None:
         """Writes a checkpoint for ``step``; returns its path on the chief.
 

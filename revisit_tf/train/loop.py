@@ -688,6 +688,10 @@ def train(
                     runner.run(step, model, total_steps=total_steps)
                 writer.flush()
                 metrics.update(runner.metrics())
+                if at_checkpoint:
+                    # Saved before the hooks ran: a resume from this step
+                    # carries their cost over too.
+                    ckpt.update_metrics(step, metrics)
     if chief and hooks:
         _logger.info(
             "Hooks over the run: %s of %.1fs.",
