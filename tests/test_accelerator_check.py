@@ -41,6 +41,7 @@ def test_reduced_check_runs_every_section_and_its_ratios_add_up(tmp_path):
     )
     rows = result["rows"]
     assert result["skipped"] == []
+    assert result["machine"]["cpus"] == os.cpu_count() and result["machine"]["cpu"]
     sections = [(r["section"], r["model"]) for r in rows]
     assert sections[:2] == [
         ("trunk", "keras.applications.ResNet50"),

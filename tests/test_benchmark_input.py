@@ -28,6 +28,7 @@ def test_tiny_run_rows_cores_and_cached_jpegs(tmp_path, capsys):
     argv = ["input", *TINY, "--cache_dir", str(cache), "--output", str(out)]
     assert benchmarks.main(argv) == 0
     result = json.loads(out.read_text())
+    assert result["machine"]["cpus"] == os.cpu_count() and result["machine"]["cpu"]
     rows = result["rows"]
     settings = list(input_bench.SETTINGS)
     expected = [

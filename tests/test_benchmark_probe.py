@@ -5,6 +5,7 @@ losses are, since all solvers minimise the same strictly convex objective.
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ def test_tiny_benchmark_writes_complete_json(tmp_path, capsys):
 
     result = json.loads(out.read_text())
     assert result["settings"]["sizes"] == ["600x16"]
+    assert result["machine"]["cpus"] == os.cpu_count() and result["machine"]["cpu"]
     rows = {r["solver"]: r for r in result["rows"]}
     assert set(rows) == {"ours", "ours_precond", "ours_streamed", "tfp", "sklearn"}
     for row in rows.values():

@@ -4,6 +4,7 @@ Speed itself is never asserted (machines are noisy); only the harness is.
 """
 
 import json
+import os
 
 import pytest
 
@@ -17,6 +18,7 @@ def test_tiny_run_writes_rows_with_ratios(tmp_path, capsys):
     argv += ["--sizes", "32", "--batch", "2", "--steps", "1", "--rounds", "2"]
     assert benchmarks.main(argv + ["--output", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert result["machine"]["cpus"] == os.cpu_count() and result["machine"]["cpu"]
     rows = result["rows"]
     assert [r["model"] for r in rows] == [trunks.BASELINE, "revnet50"]
     assert rows[0]["ratio_vs_baseline"] == 1.0

@@ -40,7 +40,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -50,7 +49,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from revisit_tf import __version__, cli, configurables
+from revisit_tf import cli, configurables
+from revisit_tf.benchmarks import machine as machine_lib
 from revisit_tf.benchmarks import trunks as trunks_lib
 from revisit_tf.models import factory
 from revisit_tf.models import pretext as pretext_lib
@@ -454,24 +454,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     table = format_table(rows, skipped)
     print(table)
-    gpus = tf.config.list_physical_devices("GPU")
     result = {
         "benchmark": "accelerator",
         "rows": rows,
         "skipped": skipped,
         "settings": {k: v for k, v in vars(args).items()},
         "seconds": time.perf_counter() - start,
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "gpus": [
-                tf.config.experimental.get_device_details(g).get("device_name", g.name)
-                for g in gpus
-            ],
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "revisit_tf": __version__,
-        },
+        "machine": machine_lib.machine_info(),
     }
     for path, text in (
         (args.output, json.dumps(result, indent=2, default=str)),

@@ -57,18 +57,17 @@ import ast
 import json
 import logging
 import os
-import platform
 import re
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from revisit_tf import __version__, data, resources
+from revisit_tf import data, resources
+from revisit_tf.benchmarks import machine as machine_lib
 from revisit_tf.pp import builder, device
 
 _logger = logging.getLogger(__name__)
@@ -477,14 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summary": summary,
         "images": images,
         "settings": vars(args),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "devices": [d.name for d in tf.config.list_logical_devices()],
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "revisit_tf": __version__,
-        },
+        "machine": machine_lib.machine_info(),
     }
     if args.output:
         write_json(args.output, result)

@@ -66,6 +66,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from revisit_tf import files
+from revisit_tf.benchmarks import machine as machine_lib
 from revisit_tf.benchmarks import probe_data, probe_path
 
 _TEST_ROWS = 10_000
@@ -598,6 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "path_classes": args.path_classes,
             "sklearn_budget_s": args.sklearn_budget_s,
         },
+        "machine": machine_lib.machine_info(),
         "rows": rows,
         "equal_loss": equal,
         "streamed": streamed,

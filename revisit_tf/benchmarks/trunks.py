@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from revisit_tf import __version__
+from revisit_tf.benchmarks import machine as machine_lib
 from revisit_tf.models import factory
 from revisit_tf.models.resnet import count_params
 
@@ -284,14 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "baseline": BASELINE,
         "rows": rows,
         "settings": vars(args),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "devices": [d.name for d in tf.config.list_logical_devices()],
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "revisit_tf": __version__,
-        },
+        "machine": machine_lib.machine_info(),
     }
     if args.revnet_memory:
         memory = revnet_peak_memory(
