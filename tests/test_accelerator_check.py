@@ -66,6 +66,9 @@ def test_reduced_check_runs_every_section_and_its_ratios_add_up(tmp_path):
         )
         views = 4 if task == "rotation" else 9
         assert trunk["trunk_inputs"] == views * device["source_images"]
+        # The pretext model's own trunk: Rotation's 4 logits, Jigsaw's
+        # embedding (EMBED_DIM = 16 in --reduced), not a 1000-way trunk.
+        assert trunk["trunk_logits"] == (4 if task == "rotation" else 16)
         assert device["vs_trunk_only"] == pytest.approx(
             device["images_per_sec"] * views / trunk["images_per_sec"]
         )
@@ -76,6 +79,7 @@ def test_reduced_check_runs_every_section_and_its_ratios_add_up(tmp_path):
             assert row["images_per_sec"] > 0 and row["warmup_seconds"] > 0
     assert table.count("\n| ") == len(rows) + 1  # header, rule, one per row
     assert "| pretext | jigsaw | f32_xla | device |" in table
+    assert "--reduced: the trunks have one unit per stage" in table
     assert table.strip() in stdout
 
 
