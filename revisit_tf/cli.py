@@ -254,7 +254,9 @@ def parse_gin(
     """Parses gin files and bindings (``skip_unknown=False``).
 
     Without ``gin_files``, ``workdir/config.gin`` (written by revisit-train) is
-    used. Returns the list of files parsed.
+    used; gin reads local files only, so a URL workdir's is parsed from a
+    temporary local copy, removed afterwards. Returns the list of files
+    parsed (that one by its workdir path).
 
     Raises:
       FileNotFoundError: a gin file is neither a path nor a shipped name.
@@ -270,7 +272,19 @@ def parse_gin(
                 f"No --gin_file given and no {saved!r}: pass the gin file(s) of "
                 "the run (e.g. --gin_file=demo/fashion_mnist_rotation.gin)."
             )
-        paths = [_local_copy(saved)]
+        local = _local_copy(saved)
+        try:
+            _parse_gin_files([local], gin_bindings)
+        finally:
+            if local != saved:
+                os.remove(local)
+        return [saved]
+    _parse_gin_files(paths, gin_bindings)
+    return paths
+
+
+def _parse_gin_files(paths: list[str], gin_bindings: Sequence[str]) -> None:
+    """``parse_gin``'s parse of local ``paths``: named errors, the include log."""
     for name in paths:
         if not os.path.exists(name) and not any(
             os.path.exists(os.path.join(p, name))
@@ -294,7 +308,6 @@ def parse_gin(
             "on the Python path; run from another directory."
         ) from e
     _log_includes_and_imports(parsed, given=paths)
-    return paths
 
 
 def _log_includes_and_imports(parsed, *, given: Sequence[str]) -> None:

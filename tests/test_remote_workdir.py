@@ -14,12 +14,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import gin
 from revisit_tf import cli, files
 from revisit_tf.probe import cache as cache_lib
 from revisit_tf.report import results as results_lib
@@ -178,6 +180,23 @@ def test_feature_cache_refuses_a_url(ram, tmp_path):
     assert cache_lib.local_cache_dir() == str(
         tmp_path / "home" / ".cache" / "revisit_tf" / "feature_cache"
     )
+
+
+def test_workdir_config_on_ram_is_parsed_from_a_copy_that_is_removed(
+    ram, tmp_path, monkeypatch
+):
+    local_tmp = tmp_path / "tmp"
+    local_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(local_tmp))
+    files.write_atomic(f"{ram}/run/{cli.CONFIG_NAME}", b"pretrain.steps = 7\n")
+    assert cli.parse_gin([], [], workdir=f"{ram}/run") == [f"{ram}/run/config.gin"]
+    assert gin.query_parameter("pretrain.steps") == 7
+    assert os.listdir(local_tmp) == []
+    # A config that does not parse: the named error, and no copy left either.
+    files.write_atomic(f"{ram}/bad/{cli.CONFIG_NAME}", b"pretrain.nope = 1\n")
+    with pytest.raises(ValueError, match="nope"):
+        cli.parse_gin([], [], workdir=f"{ram}/bad")
+    assert os.listdir(local_tmp) == []
 
 
 def test_ram_workdir_train_resume_export_probe_report(ram, tmp_path, capsys):
