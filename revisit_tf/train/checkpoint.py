@@ -228,9 +228,17 @@ def restore_trunk(workdir: str, trunk: keras.Model) -> str:
     return path
 
 
+_METRICS = ".metrics.json"
+
+
+def _write_metrics(prefix: str, metrics: dict[str, float] | None) -> None:
+    """Writes ``<prefix>.metrics.json`` atomically (a kill leaves the old one)."""
+    files.write_atomic(prefix + _METRICS, json.dumps(metrics or {}, sort_keys=True))
+
+
 def read_metrics(directory: str, step: int) -> dict[str, float]:
     """The metrics saved with checkpoint ``step`` ({} if none were saved)."""
-    path = _prefix(directory, step) + ".metrics.json"
+    path = _prefix(directory, step) + _METRICS
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
             value = json.loads(f.read())
@@ -357,10 +365,7 @@ class Checkpointer:
         """
         if not self._is_chief or step not in checkpoint_steps(self.directory):
             return False
-        files.write_atomic(
-            _prefix(self.directory, step) + ".metrics.json",
-            json.dumps(metrics, sort_keys=True),
-        )
+        _write_metrics(_prefix(self.directory, step), metrics)
         return True
 
     def save(self, step: int, metrics: dict[str, float] | None = None) -> str | None:
@@ -384,9 +389,7 @@ class Checkpointer:
             )
         tf.io.gfile.makedirs(self.directory)
         try:
-            files.write_atomic(
-                prefix + ".metrics.json", json.dumps(metrics or {}, sort_keys=True)
-            )
+            _write_metrics(prefix, metrics)
             faults.point("checkpoint.before_write")
             path = self.checkpoint.write(prefix)
         except (OSError, tf.errors.OpError) as e:
